@@ -1,0 +1,875 @@
+"""BLIP (arXiv 2201.12086), top to bottom: ViT, BERT with the three modes, heads, the four model families.
+
+Module names are the original Salesforce checkpoint names (`models/vit.py`, `models/med.py`, `models/blip*.py`), so an
+original `.pth` state dict loads key for key. Attention is PyTorch SDPA throughout.
+
+Shapes: B batch, N image patches, L = 1 + N image tokens, T text tokens, S key length, H text width, Dv vision width,
+E ITC embedding size, nh heads, hd head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from blip.config import BlipConfig, TextConfig, VisionConfig
+from blip.generate import generate_ids as _generate_ids
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Vision: ViT-B/16 or ViT-L/16, pre-norm, [CLS] token, learned position embeddings
+
+
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Stochastic depth per sample (timm's DropPath)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, 3, S, S) -> (B, N, Dv)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.num_heads = cfg.heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width, bias=True)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = self.qkv(x).view(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])  # (B, nh, L, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        hidden = int(cfg.width * cfg.mlp_ratio)
+        self.fc1 = nn.Linear(cfg.width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VisionConfig, drop_path_rate: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(cfg)
+        self.drop_path_rate = drop_path_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path_rate, self.training)
+        x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path_rate, self.training)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.width))
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.layers).tolist()  # stochastic depth decay rule
+        self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(pixel_values)  # (B, N, Dv)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, L, Dv)
+        x = x + self.pos_embed[:, : x.shape[1]]
+        for blk in self.blocks:
+            if self.cfg.grad_checkpointing and self.training:
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return self.norm(x)  # (B, L, Dv)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Text: BERT-base with cross-attention in every layer (`med.py`). Three modes:
+#   unimodal encoder  ([CLS] first, no image)           -> ITC
+#   image-grounded encoder ([ENC] first, cross-attn)    -> ITM
+#   image-grounded decoder ([DEC] first, causal)        -> LM
+# Self-attention keys/values can be cached for decoding; cross-attention keys/values are computed once per image.
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (B, nh, S, hd) each
+
+
+class BertEmbeddings(nn.Module):
+    """Word + position embeddings, LayerNorm; no token-type embeddings (as BLIP)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
+
+    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
+        T = input_ids.shape[1]
+        pos = self.position_ids[:, past_length : past_length + T]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)  # (B, T, H)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, is_cross: bool):
+        super().__init__()
+        H = cfg.hidden_size
+        kv_in = cfg.encoder_width if is_cross else H
+        self.num_heads = cfg.heads
+        self.query = nn.Linear(H, H)
+        self.key = nn.Linear(kv_in, H)
+        self.value = nn.Linear(kv_in, H)
+        self.dropout_p = cfg.attention_dropout
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, H = x.shape
+        return x.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, nh, T, hd)
+
+    def kv(self, x: torch.Tensor) -> KV:
+        return self._heads(self.key(x)), self._heads(self.value(x))
+
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: KV | None = None, past: KV | None = None
+    ) -> tuple[torch.Tensor, KV]:
+        q = self._heads(self.query(x))  # (B, nh, T, hd)
+        if kv is None:  # self-attention, extending the cache if there is one
+            k, v = self.kv(x)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        else:  # cross-attention on precomputed image keys/values
+            k, v = kv
+        p = self.dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, nh, T, hd)
+        B, _, T, _ = y.shape
+        return y.transpose(1, 2).reshape(B, T, -1), (k, v)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection + residual + post-LayerNorm (BERT is post-norm); also the FFN output (`BertOutput`)."""
+
+    def __init__(self, cfg: TextConfig, in_features: int | None = None):
+        super().__init__()
+        self.dense = nn.Linear(in_features or cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: TextConfig, is_cross: bool = False):
+        super().__init__()
+        self.self = BertSelfAttention(cfg, is_cross)
+        self.output = BertSelfOutput(cfg)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.crossattention = BertAttention(cfg, is_cross=True)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertSelfOutput(cfg, in_features=cfg.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cross_kv: KV | None = None,
+        cross_mask: torch.Tensor | None = None,
+        past: KV | None = None,
+    ) -> tuple[torch.Tensor, KV]:
+        a, present = self.attention.self(x, mask, past=past)
+        x = self.attention.output(a, x)
+        if cross_kv is not None:  # image-grounded modes; the unimodal encoder skips this
+            c, _ = self.crossattention.self(x, cross_mask, kv=cross_kv)
+            x = self.crossattention.output(c, x)
+        return self.output(self.intermediate(x), x), present
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.layers)])
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean `allowed` (..., T, S) -> additive float mask (0 where allowed, dtype-min elsewhere)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+    def cross_kv(self, encoder_hidden_states: torch.Tensor) -> list[KV]:
+        """Cross-attention keys/values of every layer, computed once per image: (B, L, Dv) -> [(B, nh, L, hd)] * 2."""
+        return [layer.crossattention.self.kv(encoder_hidden_states) for layer in self.encoder.layer]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        causal: bool = False,
+        past_key_values: list[KV] | None = None,
+        cross_kv: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """input_ids (B, T), attention_mask (B, past + T) -> hidden states (B, T, H), self-attention cache."""
+        B, T = input_ids.shape
+        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
+        x = self.embeddings(input_ids, past_length)
+        dtype = x.dtype
+
+        mask = None
+        if attention_mask is not None or causal:
+            S = past_length + T
+            allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
+            if attention_mask is not None:
+                allowed = allowed & attention_mask[:, None, None, :].bool()
+            if causal:
+                q_pos = torch.arange(past_length, S, device=x.device)[:, None]
+                allowed = allowed & (torch.arange(S, device=x.device)[None, :] <= q_pos)
+            mask = _additive_mask(allowed, dtype)  # (B, 1, T, S)
+
+        if cross_kv is None and encoder_hidden_states is not None:
+            cross_kv = self.cross_kv(encoder_hidden_states.to(dtype))
+        cross_mask = None
+        if cross_kv is not None and encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
+            cross_mask = _additive_mask(encoder_attention_mask[:, None, None, :].bool(), dtype)  # (B, 1, 1, L)
+
+        presents = []
+        for i, layer in enumerate(self.encoder.layer):
+            past = past_key_values[i] if past_key_values else None
+            x, present = layer(x, mask, cross_kv[i] if cross_kv is not None else None, cross_mask, past)
+            presents.append(present)
+        return x, presents
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(cfg)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.decoder.bias = self.bias  # one Parameter under both checkpoint keys, as the original
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(x))  # (B, T, V)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(cfg)
+
+
+class BertLMHeadModel(nn.Module):
+    """The image-grounded decoder: causal BERT + LM head tied to its word embeddings."""
+
+    def __init__(self, cfg: TextConfig, label_smoothing: float = 0.1):
+        super().__init__()
+        self.bert = BertModel(cfg)
+        self.cls = BertOnlyMLMHead(cfg)
+        self.label_smoothing = label_smoothing
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
+        past_key_values: list[KV] | None = None,
+        cross_kv: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        h, presents = self.bert(
+            input_ids,
+            attention_mask,
+            encoder_hidden_states,
+            encoder_attention_mask,
+            causal=True,
+            past_key_values=past_key_values,
+            cross_kv=cross_kv,
+        )
+        return self.cls.predictions(h), presents  # (B, T, V)
+
+    def lm_loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy with label smoothing; labels -100 are ignored. 'none' sums per sample."""
+        shifted = logits[:, :-1].float()  # (B, T-1, V)
+        targets = labels[:, 1:]
+        loss = F.cross_entropy(
+            shifted.reshape(-1, shifted.shape[-1]),
+            targets.reshape(-1),
+            ignore_index=-100,
+            reduction=reduction,
+            label_smoothing=self.label_smoothing,
+        )
+        if reduction == "none":
+            loss = loss.view(targets.shape).sum(1)
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model families
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Gather a tensor from every DDP rank (no gradient), as the original queue update; identity when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+class BlipBase(nn.Module):
+    """What every family shares: config, tokenizer, image encoding, tokenisation helpers."""
+
+    def __init__(self, config: BlipConfig):
+        super().__init__()
+        self.config = config
+        self.tokenizer = None  # attached by blip.load / the caller; kept out of the state dict
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise RuntimeError("this model has no tokenizer attached (set model.tokenizer or load with blip.load)")
+        return self.tokenizer
+
+    def tokenize(self, texts: list[str], max_length: int = 35) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> ([CLS] ... [SEP] ids (B, T), attention mask (B, T)), padded to the longest."""
+        tok = self._need_tokenizer()(
+            texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return tok.input_ids.to(self.device), tok.attention_mask.to(self.device)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.visual_encoder(pixel_values.to(self.dtype))  # (B, L, Dv)
+
+
+class CaptionMixin:
+    """Captioning with `text_decoder` (BlipCaptioner, BlipPretrain)."""
+
+    @property
+    def prompt_length(self) -> int:
+        # "[DEC] a picture of" -> 4 tokens at base: the prompt's ids without [SEP]
+        return len(self._need_tokenizer()(self.config.prompt).input_ids) - 1
+
+    def logits(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Decoder logits (B, T, V); input_ids start with [DEC]."""
+        image_embeds = self.encode_image(pixel_values)
+        return self.text_decoder(input_ids, attention_mask, image_embeds)[0]
+
+    def caption_loss(
+        self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int = 0
+    ) -> torch.Tensor:
+        """LM loss of `[CLS]`-first ids (replaced by [DEC]); pads and the first `prompt_length` tokens not predicted."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.config.text.bos_token_id
+        labels = ids.masked_fill(ids == self.config.text.pad_token_id, -100)
+        labels[:, :prompt_length] = -100
+        logits, _ = self.text_decoder(ids, attention_mask, image_embeds)
+        return self.text_decoder.lm_loss(logits, labels)
+
+    def prompt_ids(self, batch_size: int) -> torch.Tensor:
+        ids = self._need_tokenizer()([self.config.prompt] * batch_size, return_tensors="pt").input_ids
+        ids[:, 0] = self.config.text.bos_token_id
+        return ids[:, :-1].to(self.device)  # drop [SEP]: (B, prompt_length)
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        pixel_values: torch.Tensor,
+        sample: bool = False,
+        num_beams: int = 3,
+        max_length: int = 20,
+        min_length: int = 5,
+        top_p: float = 0.9,
+        top_k: int = 50,
+        repetition_penalty: float = 1.0,
+        num_captions: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        beam_length: str = "original",
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Token ids (B * num_captions, T) including [DEC] + prompt; lengths count the prompt (as the original)."""
+        image_embeds = self.encode_image(pixel_values)
+        prompt = self.prompt_ids(image_embeds.shape[0])
+        return _generate_ids(
+            self.text_decoder,
+            image_embeds,
+            prompt,
+            eos_token_id=self.config.text.sep_token_id,
+            pad_token_id=self.config.text.pad_token_id,
+            sample=sample,
+            num_beams=num_beams,
+            max_length=max_length,
+            min_length=min_length,
+            top_p=top_p,
+            top_k=top_k,
+            repetition_penalty=repetition_penalty,
+            num_return=num_captions,
+            generator=generator,
+            beam_length=beam_length,
+            use_cache=use_cache,
+        )
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, num_captions: int = 1, **kwargs) -> list[list[str]]:
+        """Captions per image (prompt stripped), `num_captions` each. See `generate_ids` for the arguments."""
+        if not kwargs.get("sample", False) and num_captions != 1:
+            raise ValueError("beam search returns one caption per image; use sample=True for several")
+        ids = self.generate_ids(pixel_values, num_captions=num_captions, **kwargs)
+        texts = self._need_tokenizer().batch_decode(ids, skip_special_tokens=True)
+        n = len(self.config.prompt)  # the original strips the prompt by characters
+        return [[t[n:].strip() for t in texts[i : i + num_captions]] for i in range(0, len(texts), num_captions)]
+
+
+class FilterMixin:
+    """ITC embeddings and ITM with `text_encoder` (BlipRetrieval, BlipPretrain)."""
+
+    def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision_proj(image_embeds[:, 0]), dim=-1)  # (B, E)
+
+    def text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h, _ = self.text_encoder(input_ids, attention_mask)  # unimodal mode: no image
+        return F.normalize(self.text_proj(h[:, 0]), dim=-1)  # (B, E)
+
+    def itm_logits(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cross_kv: list[KV] | None = None,
+    ) -> torch.Tensor:
+        """ITM logits (B, 2) of the image-grounded encoder; the first token becomes [ENC] as in training."""
+        ids = input_ids.clone()
+        ids[:, 0] = self.config.text.enc_token_id
+        h, _ = self.text_encoder(ids, attention_mask, image_embeds, cross_kv=cross_kv)
+        return self.itm_head(h[:, 0])
+
+    @torch.no_grad()
+    def score(
+        self, pixel_values: torch.Tensor, texts: list[list[str]], max_length: int = 35
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        """texts[i] scored against image i -> (ITM match probability, ITC cosine similarity), shaped like texts."""
+        image_embeds = self.encode_image(pixel_values)  # (B, L, Dv)
+        return self.score_embeds(image_embeds, texts, max_length)
+
+    @torch.no_grad()
+    def score_embeds(
+        self, image_embeds: torch.Tensor, texts: list[list[str]], max_length: int = 35
+    ) -> tuple[list[list[float]], list[list[float]]]:
+        owner = [i for i, ts in enumerate(texts) for _ in ts]
+        flat = [t for ts in texts for t in ts]
+        if not flat:
+            return [[] for _ in texts], [[] for _ in texts]
+        idx = torch.tensor(owner, device=image_embeds.device)
+        ids, mask = self.tokenize(flat, max_length)
+        itc = (self.image_feat(image_embeds)[idx] * self.text_feat(ids, mask)).sum(-1)  # (M,)
+        # cross-attention K/V once per image, then gathered per text
+        cross = [(k[idx], v[idx]) for k, v in self.text_encoder.cross_kv(image_embeds)]
+        itm = self.itm_logits(image_embeds[idx], ids, mask, cross_kv=cross).float().softmax(-1)[:, 1]  # (M,)
+        itm_l, itc_l = itm.tolist(), itc.float().tolist()
+        out_itm, out_itc, j = [], [], 0
+        for ts in texts:
+            out_itm.append(itm_l[j : j + len(ts)])
+            out_itc.append(itc_l[j : j + len(ts)])
+            j += len(ts)
+        return out_itm, out_itc
+
+
+def _hard_negatives(weights: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row drawn from `weights` (B, B); rows with no admissible candidate fall back to uniform."""
+    empty = weights.sum(1) <= 0
+    if empty.any():
+        weights = weights.clone()
+        weights[empty] = 1.0
+    return torch.multinomial(weights.float(), 1, generator=generator).squeeze(1)
+
+
+class ContrastiveMixin(FilterMixin):
+    """Momentum encoders, feature queues, ITC with momentum distillation, ITM with hard negatives."""
+
+    def _init_momentum(self, with_decoder_sharing: bool = False) -> None:
+        self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
+        self.vision_proj_m = copy.deepcopy(self.vision_proj)
+        self.text_encoder_m = copy.deepcopy(self.text_encoder)
+        self.text_proj_m = copy.deepcopy(self.text_proj)
+        for m in (self.visual_encoder_m, self.vision_proj_m, self.text_encoder_m, self.text_proj_m):
+            m.requires_grad_(False)
+        E, Q = self.config.embed_dim, self.config.queue_size
+        self.register_buffer("image_queue", F.normalize(torch.randn(E, Q), dim=0))
+        self.register_buffer("text_queue", F.normalize(torch.randn(E, Q), dim=0))
+
+    def _model_pairs(self):
+        return [
+            (self.visual_encoder, self.visual_encoder_m),
+            (self.vision_proj, self.vision_proj_m),
+            (self.text_encoder, self.text_encoder_m),
+            (self.text_proj, self.text_proj_m),
+        ]
+
+    @torch.no_grad()
+    def copy_params(self) -> None:
+        """Momentum copies := online weights (done at init, and after loading weights)."""
+        for model, model_m in self._model_pairs():
+            for p, p_m in zip(model.parameters(), model_m.parameters()):
+                p_m.data.copy_(p.data)
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        m = self.config.momentum
+        for model, model_m in self._model_pairs():
+            for p, p_m in zip(model.parameters(), model_m.parameters()):
+                p_m.data.mul_(m).add_(p.data, alpha=1 - m)
+
+    def _itc(
+        self,
+        pixel_values: torch.Tensor,
+        image_feat: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_feat: torch.Tensor,
+        alpha: float,
+        pos: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ITC with momentum distillation. pos (B, B + Q): positive mask. Returns loss and the momentum features."""
+        with torch.no_grad():
+            self._momentum_update()
+            image_feat_m = F.normalize(self.vision_proj_m(self.visual_encoder_m(pixel_values)[:, 0]), dim=-1)
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)  # (E, B + Q)
+            h_m, _ = self.text_encoder_m(input_ids, attention_mask)
+            text_feat_m = F.normalize(self.text_proj_m(h_m[:, 0]), dim=-1)
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)  # (E, B + Q)
+            targets = pos / pos.sum(1, keepdim=True)
+            i2t_targets = alpha * F.softmax(image_feat_m @ text_feat_all / self.temp, dim=1) + (1 - alpha) * targets
+            t2i_targets = alpha * F.softmax(text_feat_m @ image_feat_all / self.temp, dim=1) + (1 - alpha) * targets
+        sim_i2t = image_feat @ text_feat_all / self.temp  # (B, B + Q)
+        sim_t2i = text_feat @ image_feat_all / self.temp
+        loss_i2t = -(F.log_softmax(sim_i2t, dim=1) * i2t_targets).sum(1).mean()
+        loss_t2i = -(F.log_softmax(sim_t2i, dim=1) * t2i_targets).sum(1).mean()
+        return (loss_i2t + loss_t2i) / 2, image_feat_m, text_feat_m
+
+    def _itm(
+        self,
+        image_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        weights_i2t: torch.Tensor,
+        weights_t2i: torch.Tensor,
+    ) -> torch.Tensor:
+        """ITM on B positives, B (negative image, text) and B (image, negative text) pairs, negatives drawn from ITC."""
+        B = image_embeds.shape[0]
+        ids = input_ids.clone()
+        ids[:, 0] = self.config.text.enc_token_id
+        neg_img = _hard_negatives(weights_t2i)  # a negative image per text
+        neg_txt = _hard_negatives(weights_i2t)  # a negative text per image
+        ids_all = torch.cat([ids, ids, ids[neg_txt]], dim=0)  # (3B, T)
+        mask_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_txt]], dim=0)
+        image_all = torch.cat([image_embeds, image_embeds[neg_img], image_embeds], dim=0)  # (3B, L, Dv)
+        h, _ = self.text_encoder(ids_all, mask_all, image_all)
+        logits = self.itm_head(h[:, 0])  # (3B, 2)
+        labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+
+class BlipCaptioner(BlipBase, CaptionMixin):
+    """`blip_decoder`: ViT + image-grounded decoder (the CapFilt captioner)."""
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_decoder = BertLMHeadModel(config.text, config.label_smoothing)
+        init_weights(self)
+
+    def forward(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """LM loss; input_ids are the tokenized `prompt + caption` ([CLS] first), the prompt tokens are not predicted."""
+        return self.caption_loss(self.encode_image(pixel_values), input_ids, attention_mask, self.prompt_length)
+
+
+class BlipRetrieval(BlipBase, ContrastiveMixin):
+    """`blip_retrieval` / `blip_itm`: ViT + text encoder + ITC projections + ITM head (the CapFilt filter)."""
+
+    def __init__(self, config: BlipConfig, momentum: bool = False):
+        super().__init__(config)
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = BertModel(config.text)
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.momentum = momentum
+        if momentum:  # fine-tuning state of the original retrieval checkpoints
+            self._init_momentum()
+            self.register_buffer("idx_queue", torch.full((1, config.queue_size), -100))
+            self.register_buffer("ptr_queue", torch.zeros(1, dtype=torch.long))
+        init_weights(self)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        idx: torch.Tensor,
+        alpha: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Fine-tuning losses; idx (B,) image ids: texts of the same image are positives, never negatives."""
+        if not self.momentum:
+            raise RuntimeError("training the filter needs BlipRetrieval(config, momentum=True)")
+        alpha = self.config.alpha if alpha is None else alpha
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        image_embeds = self.encode_image(pixel_values)
+        image_feat = self.image_feat(image_embeds)
+        text_feat = self.text_feat(input_ids, attention_mask)
+
+        idx = idx.view(-1, 1)
+        idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)  # (1, B + Q)
+        pos = torch.eq(idx, idx_all).float()  # (B, B + Q)
+        loss_itc, image_feat_m, text_feat_m = self._itc(
+            pixel_values.to(self.dtype), image_feat, input_ids, attention_mask, text_feat, alpha, pos
+        )
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m, idx.view(-1))
+
+        with torch.no_grad():
+            same = torch.eq(idx, idx.t())
+            weights_i2t = F.softmax(image_feat @ text_feat.t() / self.temp, dim=1).masked_fill(same, 0)
+            weights_t2i = F.softmax(text_feat @ image_feat.t() / self.temp, dim=1).masked_fill(same, 0)
+        loss_itm = self._itm(image_embeds, input_ids, attention_mask, weights_i2t, weights_t2i)
+        return {"loss_itc": loss_itc, "loss_itm": loss_itm}
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
+        image_feats, text_feats, idxs = (
+            concat_all_gather(image_feat),
+            concat_all_gather(text_feat),
+            concat_all_gather(idx),
+        )
+        n, ptr = image_feats.shape[0], int(self.ptr_queue)
+        if self.config.queue_size % n:
+            raise ValueError(f"queue size {self.config.queue_size} must be divisible by the global batch {n}")
+        self.image_queue[:, ptr : ptr + n] = image_feats.t()
+        self.text_queue[:, ptr : ptr + n] = text_feats.t()
+        self.idx_queue[:, ptr : ptr + n] = idxs.view(1, -1)
+        self.ptr_queue[0] = (ptr + n) % self.config.queue_size
+
+
+class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
+    """`blip_pretrain`: ITC + ITM + LM. The decoder shares everything with the encoder except self-attention."""
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = BertModel(config.text)
+        self.text_decoder = BertLMHeadModel(config.text, config.label_smoothing)
+        self.tie_encoder_decoder()
+        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
+        self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
+        self.itm_head = nn.Linear(config.text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self._init_momentum()
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        init_weights(self)
+
+    def tie_encoder_decoder(self) -> None:
+        """Share embeddings, cross-attention and FFN modules (the same Parameters); self-attention stays separate."""
+        enc, dec = self.text_encoder, self.text_decoder.bert
+        dec.embeddings = enc.embeddings
+        for le, ld in zip(enc.encoder.layer, dec.encoder.layer):
+            ld.crossattention, ld.intermediate, ld.output = le.crossattention, le.intermediate, le.output
+        self.text_decoder.tie_weights()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: float | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """input_ids: [CLS]-first tokenized captions (the original pads to 30 tokens)."""
+        alpha = self.config.alpha if alpha is None else alpha
+        with torch.no_grad():
+            self.temp.clamp_(0.001, 0.5)
+        pixel_values = pixel_values.to(self.dtype)
+        image_embeds = self.encode_image(pixel_values)  # (B, L, Dv)
+        image_feat = self.image_feat(image_embeds)
+        text_feat = self.text_feat(input_ids, attention_mask)
+
+        B = image_embeds.shape[0]
+        pos = torch.zeros(B, B + self.config.queue_size, device=image_feat.device)
+        pos[:, :B].fill_diagonal_(1)
+        loss_itc, image_feat_m, text_feat_m = self._itc(
+            pixel_values, image_feat, input_ids, attention_mask, text_feat, alpha, pos
+        )
+        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+
+        with torch.no_grad():  # the in-batch (momentum) columns of the ITC similarities decide the hard negatives
+            weights_t2i = (F.softmax(text_feat @ image_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
+            weights_i2t = (F.softmax(image_feat @ text_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
+        loss_itm = self._itm(image_embeds, input_ids, attention_mask, weights_i2t, weights_t2i)
+        loss_lm = self.caption_loss(image_embeds, input_ids, attention_mask, prompt_length=0)
+        return {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm}
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
+        image_feats, text_feats = concat_all_gather(image_feat), concat_all_gather(text_feat)
+        n, ptr = image_feats.shape[0], int(self.queue_ptr)
+        if self.config.queue_size % n:
+            raise ValueError(f"queue size {self.config.queue_size} must be divisible by the global batch {n}")
+        self.image_queue[:, ptr : ptr + n] = image_feats.t()
+        self.text_queue[:, ptr : ptr + n] = text_feats.t()
+        self.queue_ptr[0] = (ptr + n) % self.config.queue_size
+
+
+class BlipVQA(BlipBase):
+    """`blip_vqa`: question encoder (image-grounded, [ENC] first) + answer decoder; encoder and decoder are untied."""
+
+    def __init__(self, config: BlipConfig):
+        super().__init__(config)
+        self.visual_encoder = VisionTransformer(config.vision)
+        self.text_encoder = BertModel(config.text)
+        self.text_decoder = BertLMHeadModel(config.text, config.label_smoothing)
+        init_weights(self)
+
+    def encode_question(self, pixel_values: torch.Tensor, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        image_embeds = self.encode_image(pixel_values)
+        ids, mask = self.tokenize(questions, max_length=35)
+        ids[:, 0] = self.config.text.enc_token_id
+        states, _ = self.text_encoder(ids, mask, image_embeds)  # (B, Tq, H)
+        return states, mask
+
+    def forward(
+        self, pixel_values: torch.Tensor, questions: list[str], answers: list[str], weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Answer LM loss (one answer per question here; the original's multi-answer weights via `weights`)."""
+        states, q_mask = self.encode_question(pixel_values, questions)
+        ids, mask = self.tokenize(answers, max_length=35)
+        ids[:, 0] = self.config.text.bos_token_id
+        labels = ids.masked_fill(ids == self.config.text.pad_token_id, -100)
+        logits, _ = self.text_decoder(ids, mask, states, q_mask)
+        loss = self.text_decoder.lm_loss(logits, labels, reduction="none")  # (B,)
+        if weights is not None:
+            loss = loss * weights
+        return loss.sum() / len(questions)
+
+    @torch.no_grad()
+    def answer(
+        self,
+        pixel_values: torch.Tensor,
+        questions: list[str],
+        num_beams: int = 3,
+        max_length: int = 10,
+        min_length: int = 1,
+    ) -> list[str]:
+        """Generated answers (the original's `inference="generate"`): beam search from [DEC] on the question states."""
+        states, q_mask = self.encode_question(pixel_values, questions)
+        bos = torch.full((states.shape[0], 1), self.config.text.bos_token_id, device=states.device)
+        ids = _generate_ids(
+            self.text_decoder,
+            states,
+            bos,
+            eos_token_id=self.config.text.sep_token_id,
+            pad_token_id=self.config.text.pad_token_id,
+            sample=False,
+            num_beams=num_beams,
+            max_length=max_length,
+            min_length=min_length,
+            encoder_attention_mask=q_mask,
+        )
+        return [a.strip() for a in self._need_tokenizer().batch_decode(ids, skip_special_tokens=True)]
+
+
+MODEL_CLASSES: dict[str, type[BlipBase]] = {
+    "caption": BlipCaptioner,
+    "retrieval": BlipRetrieval,
+    "pretrain": BlipPretrain,
+    "vqa": BlipVQA,
+}
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_weights(model: nn.Module, std: float = 0.02) -> None:
+    """BERT/ViT-style init for training from scratch: normal(0, std) linear/embeddings, LayerNorm (1, 0)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in model.modules():  # the original ViT's position/cls init
+        if isinstance(m, VisionTransformer):
+            nn.init.trunc_normal_(m.pos_embed, std=0.02)
+            nn.init.trunc_normal_(m.cls_token, std=0.02)
+    if isinstance(model, ContrastiveMixin) and hasattr(model, "visual_encoder_m"):
+        model.copy_params()
