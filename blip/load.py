@@ -1,0 +1,278 @@
+"""Load any BLIP checkpoint into our model, in a fixed order (as open_clip's factory):
+
+read safely -> detect the format by sentinel keys / files -> rename -> resize position embeddings -> strict load
+-> attach the tokenizer -> eval().to(device, dtype).
+
+Formats: an original Salesforce `.pth` (`{"model": sd}` or a bare state dict), a transformers folder
+(BlipForConditionalGeneration / BlipForImageTextRetrieval / BlipForQuestionAnswering; safetensors or .bin, sharded
+or not), our folder (`config.json` + `model.safetensors` + tokenizer files), or a Hugging Face hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from blip.config import BlipConfig
+from blip.convert import TRAINING_STATE, config_from_hf, config_from_original, hf_to_original, interpolate_pos_embed
+from blip.tokenizer import build_tokenizer
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+FORMAT_TAG = "capfilt-blip"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit: one clear message naming the file."""
+
+
+# -- read safely ----------------------------------------------------------------------------------------------------
+
+
+def _read_file(path: Path) -> dict[str, Tensor]:
+    """A weights file -> flat state dict. Never unpickles arbitrary objects (`weights_only=True`)."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip / safetensors header errors all mean "not a readable checkpoint"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read checkpoint {path}: {msg}") from None
+    if isinstance(obj, dict):
+        for wrapper in ("model", "state_dict", "module"):  # original BLIP saves {"model": sd, "optimizer": ...}
+            if isinstance(obj.get(wrapper), dict):
+                obj = obj[wrapper]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise CheckpointError(
+            f"{path} is not a state dict: expected a dict of tensors (or {{'model': state_dict}}), got {type(obj).__name__}"
+        )
+    # DistributedDataParallel wraps every key in "module."
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
+    return obj
+
+
+def _read_folder_weights(folder: Path) -> dict[str, Tensor]:
+    for name in WEIGHT_FILES:
+        f = folder / name
+        if not f.is_file():
+            continue
+        if name.endswith(".index.json"):  # sharded: {"weight_map": {key: shard file}}
+            shards = sorted(set(json.loads(f.read_text())["weight_map"].values()))
+            sd: dict[str, Tensor] = {}
+            for shard in shards:
+                sd.update(_read_file(folder / shard))
+            return sd
+        return _read_file(f)
+    raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _resolve(path_or_id: str | os.PathLike[str]) -> Path:
+    """A local path, or a hub id resolved through huggingface_hub (HF_HUB_OFFLINE honoured)."""
+    path = Path(path_or_id).expanduser()
+    if path.exists():
+        return path
+    s = str(path_or_id)
+    looks_local = s.startswith((".", "/", "~")) or s.endswith(CHECKPOINT_SUFFIXES) or s.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"checkpoint {s} does not exist (expected a .pth file, a model folder or a hub id)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]))
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"could not get {s!r} from the Hugging Face hub ({reason}); download it where there is network "
+            f"(huggingface-cli download {s} --local-dir DIR) and pass the local folder or .pth path instead"
+        ) from None
+
+
+# -- detect + rename --------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: Path, family: str | None = None) -> tuple[BlipConfig, dict[str, Tensor], str]:
+    """Path -> (config, state dict with original key names, format name: "capfilt" | "transformers" | "original")."""
+    if path.is_dir():
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            pths = sorted(p for p in path.iterdir() if p.suffix in (".pth", ".pt"))
+            if len(pths) == 1:  # a folder holding one original checkpoint (+ maybe a tokenizer)
+                return read_checkpoint(pths[0], family)
+            raise CheckpointError(f"{path} has no config.json: expected our folder, a transformers folder or one .pth")
+        cfg_json = json.loads(cfg_file.read_text())
+        sd = _read_folder_weights(path)
+        if cfg_json.get("format") == FORMAT_TAG or ("vision" in cfg_json and "family" in cfg_json):
+            cfg = BlipConfig.from_dict(cfg_json)
+            return (cfg if family is None else _with_family(cfg, family)), sd, "capfilt"
+        if cfg_json.get("model_type") == "blip" or "vision_config" in cfg_json:
+            cfg = config_from_hf(cfg_json, family)
+            return cfg, _hf_to_original(sd, path), "transformers"
+        raise CheckpointError(
+            f"{cfg_file} is neither our config (family, vision, text) nor a transformers BLIP config (model_type blip)"
+        )
+    sd = _read_file(path)
+    if any(k.startswith("vision_model.") for k in sd):  # a bare transformers weights file: sizes from shapes
+        sd = _hf_to_original(sd, path)
+    elif not any(k.startswith("visual_encoder.") for k in sd):
+        raise CheckpointError(
+            f"{path}: unknown checkpoint layout; expected original BLIP keys (visual_encoder.*, text_encoder.*, "
+            f"text_decoder.*) or transformers keys (vision_model.*); found e.g. {', '.join(list(sd)[:3])}"
+        )
+    try:
+        return config_from_original(sd, family), sd, "original"
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _hf_to_original(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
+    try:
+        return hf_to_original(sd)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _with_family(cfg: BlipConfig, family: str) -> BlipConfig:
+    d = cfg.to_dict()
+    d["family"] = family
+    return BlipConfig.from_dict(d)
+
+
+# -- strict load ------------------------------------------------------------------------------------------------------
+
+
+def _alias_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict keys sharing one storage (tied LM head, encoder/decoder sharing in pretraining), first name first."""
+    groups: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        groups.setdefault((v.data_ptr(), tuple(v.shape)), []).append(k)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str, family_overridden: bool) -> None:
+    """Strict load with the known differences handled explicitly:
+    - `position_ids` buffers (arange; transformers does not save them) and `temp` (transformers retrieval has none)
+      may be missing, and keys that alias another parameter (tied LM head, shared layers) may be either;
+    - training state (momentum copies `*_m`, queues) is dropped when the model has no place for it;
+    - towers the requested family lacks are dropped only when the family was asked for (a pretrained checkpoint
+      loaded as a captioner, as the original fine-tuning does). Everything else must match exactly.
+    """
+    own = model.state_dict()
+    present_alias = {k for g in _alias_groups(model) if any(n in sd for n in g) for k in g}
+    own_tops = {k.split(".")[0] for k in own}
+    unexpected = [k for k in sd if k not in own]
+    bad = [
+        k
+        for k in unexpected
+        if not (
+            TRAINING_STATE.match(k)
+            or k.endswith("position_ids")
+            or (family_overridden and k.split(".")[0] not in own_tops)
+        )
+    ]
+    missing = [k for k in own if k not in sd and not (k.endswith("position_ids") or k == "temp" or k in present_alias)]
+    if bad or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {', '.join(missing[:3])})")
+        if bad:
+            parts.append(f"unexpected {len(bad)} keys (e.g. {', '.join(bad[:3])})")
+        raise CheckpointError(f"{source} does not fit a BLIP {model.config.family} model: {'; '.join(parts)}")
+    shape_errors = [
+        f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape
+    ]
+    if shape_errors:
+        raise CheckpointError(
+            f"{source}: shape mismatch for {len(shape_errors)} keys, e.g. {'; '.join(shape_errors[:3])}"
+        )
+    # an aliased storage is written through whichever of its names the checkpoint has
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+
+# -- the public API ---------------------------------------------------------------------------------------------------
+
+
+def _find_tokenizer(path: Path, tokenizer_path: str | os.PathLike[str] | None) -> Path:
+    if tokenizer_path is not None:
+        return Path(tokenizer_path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    for cand in (folder, folder / "tokenizer"):
+        if any((cand / f).is_file() for f in TOKENIZER_FILES):
+            return cand
+    raise CheckpointError(
+        f"no tokenizer for {path}: pass tokenizer_path= (a folder with tokenizer files or a BERT vocab.txt), "
+        f"or put vocab.txt / tokenizer.json next to the checkpoint"
+    )
+
+
+def load(
+    path_or_id: str | os.PathLike[str],
+    family: str | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    image_size: int | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Load a BLIP model (BlipCaptioner | BlipRetrieval | BlipPretrain | BlipVQA) with `.config` and `.tokenizer`.
+
+    family: build this family instead of the checkpoint's (e.g. "caption" from a pretraining checkpoint).
+    image_size: run at this resolution; position embeddings are interpolated bicubically when it differs.
+    tokenizer_path: for a bare `.pth` without tokenizer files next to it.
+    """
+    from blip.model import MODEL_CLASSES
+
+    path = _resolve(path_or_id)
+    cfg, sd, _fmt = read_checkpoint(path, family)
+    if image_size is not None and image_size != cfg.vision.image_size:
+        cfg = BlipConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "image_size": image_size}})
+    num_patches = cfg.vision.num_patches
+    for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
+        if key in sd and sd[key].shape[1] != num_patches + 1:
+            sd[key] = interpolate_pos_embed(sd[key], num_patches)
+    model = MODEL_CLASSES[cfg.family](cfg)
+    family_overridden = family is not None and _fmt != "transformers"
+    load_state_dict_checked(model, sd, str(path), family_overridden)
+    tok = build_tokenizer(_find_tokenizer(path, tokenizer_path))
+    if len(tok) > cfg.text.vocab_size:
+        raise CheckpointError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {cfg.text.vocab_size}")
+    if (tok.bos_token_id, tok.enc_token_id) != (cfg.text.bos_token_id, cfg.text.enc_token_id):
+        raise CheckpointError(
+            f"tokenizer ids [DEC]={tok.bos_token_id} [ENC]={tok.enc_token_id} differ from the model's "
+            f"{cfg.text.bos_token_id}/{cfg.text.enc_token_id}"
+        )
+    model.tokenizer = tok
+    return model.eval().to(device=device, dtype=dtype)
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """Our folder: config.json + model.safetensors (each shared storage once) + tokenizer files."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    aliases = {k for g in _alias_groups(model) for k in g[1:]}  # safetensors refuses shared tensors: first name only
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k not in aliases}
+    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    cfg = {"format": FORMAT_TAG, **model.config.to_dict()}
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if getattr(model, "tokenizer", None) is not None:
+        model.tokenizer.save_pretrained(str(directory))
+    return directory
+
+
+__all__ = ["CheckpointError", "load", "read_checkpoint", "save_pretrained"]
