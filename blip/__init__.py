@@ -1,1 +1,25 @@
 """BLIP model library: pure PyTorch + tokenizer; no Ray, no I/O beyond checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# lazy exports: `import blip` stays cheap (no torch / transformers until a name is used)
+_EXPORTS = {
+    "BlipConfig": "blip.config",
+    "preprocess": "blip.image",
+    "build_tokenizer": "blip.tokenizer",
+    "write_vocab": "blip.tokenizer",
+    "load": "blip.load",
+    "save_pretrained": "blip.load",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        obj = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = obj  # importing blip.load bound the submodule to this name; the function wins
+        return obj
+    raise AttributeError(f"module 'blip' has no attribute {name!r}")

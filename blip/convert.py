@@ -254,3 +254,42 @@ def interpolate_pos_embed(pos_embed: Tensor, num_patches_new: int) -> Tensor:
     grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).flatten(1, 2).to(pos_embed.dtype)  # (1, new*new, D)
     return torch.cat([cls_pos, grid], dim=1)
+
+
+_FAMILY_HF_ARCH = {v: k for k, v in _HF_ARCH_FAMILY.items()}
+
+
+def config_to_hf(cfg: BlipConfig) -> dict[str, Any]:
+    """Our config -> a transformers BLIP `config.json` dict (no dropout: parity and export are inference)."""
+    if cfg.family not in _FAMILY_HF_ARCH:
+        raise ValueError(f"transformers has no BLIP class for the {cfg.family!r} family")
+    v, t = cfg.vision, cfg.text
+    return {
+        "model_type": "blip",
+        "architectures": [_FAMILY_HF_ARCH[cfg.family]],
+        "image_text_hidden_size": cfg.embed_dim,
+        "vision_config": {
+            "hidden_size": v.width,
+            "intermediate_size": int(v.width * v.mlp_ratio),
+            "num_hidden_layers": v.layers,
+            "num_attention_heads": v.heads,
+            "image_size": v.image_size,
+            "patch_size": v.patch_size,
+            "layer_norm_eps": v.layer_norm_eps,
+        },
+        "text_config": {
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "encoder_hidden_size": v.width,
+            "intermediate_size": t.intermediate_size,
+            "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads,
+            "max_position_embeddings": t.max_position_embeddings,
+            "layer_norm_eps": t.layer_norm_eps,
+            "hidden_dropout_prob": 0.0,
+            "attention_probs_dropout_prob": 0.0,
+            "pad_token_id": t.pad_token_id,
+            "bos_token_id": t.bos_token_id,
+            "sep_token_id": t.sep_token_id,
+        },
+    }

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -276,3 +278,14 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path
 
 
 __all__ = ["CheckpointError", "load", "read_checkpoint", "save_pretrained"]
+
+
+class _CallableModule(types.ModuleType):
+    """`import blip.load` binds this module to `blip.load`, shadowing the function of the same name; calling the
+    module calls the function, so `blip.load(path)` works whatever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
+        return load(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
