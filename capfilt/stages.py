@@ -1,0 +1,204 @@
+"""CapFilt stages on in-memory batches (dicts of arrays / lists): plain classes with `setup()` + `__call__(batch)`.
+
+`DecodeStage` (image bytes -> uint8 pixels or a `decode_error` row) lives in capfilt/decode.py and is re-exported
+here. `CapFiltStage` holds the captioner and the filter on one device and, per batch: N synthetic captions by nucleus
+sampling (one torch.Generator per sample, seeded from (seed, key), so reruns, retries and a different batch
+composition give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
+each synthetic caption; a text is kept when its ITM probability >= threshold, a sample when any text is kept.
+No Ray in here: pipelines/run.py adapts these classes to Ray Data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from blip.image import normalize
+
+try:  # written by another engineer; the pipeline imports it from here
+    from capfilt.decode import DecodeStage  # noqa: F401
+except ImportError:  # pragma: no cover - only while capfilt/decode.py has not landed
+    pass
+
+# Columns CapFiltStage adds to each row (the input columns, minus `pixels`, pass through).
+RESULT_COLUMNS = (
+    "synthetic_captions",  # list[str]
+    "web_itm",  # float | None (None: no web text)
+    "web_itc",  # float | None
+    "synthetic_itm",  # list[float]
+    "synthetic_itc",  # list[float]
+    "kept_texts",  # list[str]: web text first when kept, then kept synthetic captions
+    "kept",  # bool
+    "reason",  # None when kept; else "below_threshold" | "no_text" | the row's error status
+)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """A stable 63-bit seed from (run seed, sample key): independent of Python's hash salt, batch and machine."""
+    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _web_text(t: Any) -> str | None:
+    """Missing web text (no .txt, null, blank) is recorded as missing: null scores, never kept."""
+    if t is None or (isinstance(t, float) and np.isnan(t)):
+        return None
+    t = str(t)
+    return t if t.strip() else None
+
+
+@dataclass
+class CapFiltStage:
+    captioner: str  # checkpoint path or hub id (blip.load)
+    filter: str
+    num_captions: int = 1
+    top_p: float = 0.9
+    max_length: int = 20  # counts the prompt tokens, as the original
+    min_length: int = 5
+    repetition_penalty: float = 1.1  # the original's nucleus path hard-codes 1.1
+    threshold: float = 0.5
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 32  # images per forward pass; larger batches are processed in chunks
+    seed: int = 0
+    text_max_length: int = 35  # filter tokenisation, as the original retrieval code
+    cap_model: Any = field(default=None, repr=False)
+    filt_model: Any = field(default=None, repr=False)
+
+    @classmethod
+    def from_models(cls, captioner_model: torch.nn.Module, filter_model: torch.nn.Module, **kw: Any) -> CapFiltStage:
+        """A stage around already-built models (tests, benchmarks); `setup()` then only moves them to the device."""
+        return cls(
+            captioner="<in-memory>", filter="<in-memory>", cap_model=captioner_model, filt_model=filter_model, **kw
+        )
+
+    def setup(self) -> None:
+        """Load both models onto ONE device, so an image crosses to it once."""
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_captions < 0:
+            raise ValueError(f"num_captions must be >= 0, got {self.num_captions}")
+        self._device = resolve_device(self.device)
+        self._dtype = resolve_dtype(self.dtype, self._device)
+        if self.cap_model is None or self.filt_model is None:
+            from blip import load
+
+            self.cap_model = load(self.captioner, device=str(self._device), dtype=self._dtype)
+            self.filt_model = load(self.filter, device=str(self._device), dtype=self._dtype)
+        for name, m, need in (("captioner", self.cap_model, "generate"), ("filter", self.filt_model, "score")):
+            if not hasattr(m, need):
+                raise ValueError(f"{name} is a {type(m).__name__}, which has no .{need}(); wrong checkpoint family?")
+        self.cap_model = self.cap_model.to(self._device, self._dtype).eval()
+        self.filt_model = self.filt_model.to(self._device, self._dtype).eval()
+
+    @property
+    def image_size(self) -> int:
+        """The size DecodeStage should produce: the larger model size (the other one is resized on the device)."""
+        return max(self.cap_model.config.vision.image_size, self.filt_model.config.vision.image_size)
+
+    def _pixels_for(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+        """(B, S, S, 3) uint8 on the device -> the model's normalised (B, 3, s, s).
+
+        When the two models want different sizes the second resize is bicubic on the device (torch, antialiased),
+        which differs slightly from PIL's bicubic on the CPU; with equal sizes (the released checkpoints) it is exact.
+        """
+        cfg = model.config
+        s = cfg.vision.image_size
+        if x.shape[1] != s:
+            y = x.permute(0, 3, 1, 2).float()  # (B, 3, S, S)
+            y = F.interpolate(y, size=(s, s), mode="bicubic", antialias=True, align_corners=False)
+            x = y.round_().clamp_(0, 255).permute(0, 2, 3, 1)  # (B, s, s, 3) in [0, 255]
+        return normalize(x, cfg.image_mean, cfg.image_std, self._dtype)
+
+    @torch.no_grad()
+    def _run_ok(self, pixels: np.ndarray, keys: list[str], webs: list[str | None]) -> list[dict[str, Any]]:
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self._device, non_blocking=True)  # (B, S, S, 3) uint8
+        caps: list[list[str]] = [[] for _ in keys]
+        if self.num_captions > 0:
+            gens = [torch.Generator(device=self._device).manual_seed(sample_seed(self.seed, k)) for k in keys]
+            caps = self.cap_model.generate(
+                self._pixels_for(x, self.cap_model),
+                sample=True,
+                num_captions=self.num_captions,
+                top_p=self.top_p,
+                max_length=self.max_length,
+                min_length=self.min_length,
+                repetition_penalty=self.repetition_penalty,
+                generator=gens,
+            )
+        texts = [([w] if w is not None else []) + c for w, c in zip(webs, caps)]
+        itm, itc = self.filt_model.score(self._pixels_for(x, self.filt_model), texts, self.text_max_length)
+        out = []
+        for w, c, p, s in zip(webs, caps, itm, itc):
+            off = 1 if w is not None else 0
+            kept_texts = [t for t, q in zip(([w] if w is not None else []) + c, p) if q >= self.threshold]
+            kept = bool(kept_texts)
+            out.append(
+                {
+                    "synthetic_captions": c,
+                    "web_itm": p[0] if off else None,
+                    "web_itc": s[0] if off else None,
+                    "synthetic_itm": p[off:],
+                    "synthetic_itc": s[off:],
+                    "kept_texts": kept_texts,
+                    "kept": kept,
+                    "reason": None if kept else ("below_threshold" if (off or c) else "no_text"),
+                }
+            )
+        return out
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """DecodeStage output (`pixels` (B, S, S, 3) uint8, `status`, `key`, `caption`, ...) -> rows with results.
+
+        Rows whose status is not "ok" pass through with empty lists, `kept=False` and `reason` = their status.
+        """
+        if not hasattr(self, "_device"):
+            self.setup()
+        n = len(batch["key"])
+        status = [str(s) for s in batch["status"]]
+        keys = [str(k) for k in batch["key"]]
+        webs = [_web_text(t) for t in batch.get("caption", [None] * n)]
+        results: list[dict[str, Any] | None] = [None] * n
+        ok = [i for i in range(n) if status[i] == "ok"]
+        pixels = batch["pixels"]
+        for j in range(0, len(ok), self.batch_size):
+            idx = ok[j : j + self.batch_size]
+            for i, r in zip(idx, self._run_ok(pixels[idx], [keys[i] for i in idx], [webs[i] for i in idx])):
+                results[i] = r
+        for i in range(n):
+            if results[i] is None:
+                results[i] = {
+                    "synthetic_captions": [],
+                    "web_itm": None,
+                    "web_itc": None,
+                    "synthetic_itm": [],
+                    "synthetic_itc": [],
+                    "kept_texts": [],
+                    "kept": False,
+                    "reason": status[i],
+                }
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        for col in RESULT_COLUMNS:
+            out[col] = [r[col] for r in results]
+        return out
