@@ -71,12 +71,24 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if mode == "RGB" else img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+def apply_draft(img: Image.Image, image_size: int) -> bool:
+    """Ask a big JPEG to decode at reduced size (DCT scaling by 1/2, 1/4 or 1/8); True when draft was requested.
+
+    PIL picks the largest reduction that keeps both sides >= the request, so the bicubic resize afterwards still
+    only shrinks and never upsamples a draft.
+    """
+    if img.format != "JPEG" or min(img.size) < _DRAFT_MIN_RATIO * image_size:
+        return False
+    img.draft("RGB", (image_size, image_size))
+    return True
+
+
 def decode_image_with_size(
     data: bytes | bytearray | memoryview | np.ndarray | None,
     image_size: int,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> tuple[np.ndarray, int, int]:
-    """Like `decode_image`, also returning the original (width, height) after EXIF orientation."""
+    """Like `decode_image`, also returning the original (width, height), as displayed (after EXIF orientation)."""
     raw = _to_bytes(data)
     width = height = 0
     try:
@@ -95,28 +107,22 @@ def decode_image_with_size(
                 )
             if width < 1 or height < 1:
                 raise DecodeError(f"image has no pixels ({width}x{height})", width, height)
-            if img.format == "JPEG" and min(width, height) >= _DRAFT_MIN_RATIO * image_size:
-                # DCT scaling by 1/2, 1/4 or 1/8; PIL picks the largest reduction that keeps both sides >= the
-                # request, so the bicubic resize below still only shrinks.
-                img.draft("RGB", (image_size, image_size))
-            img.load()  # first frame of an animation; raises on truncated or corrupt data
+            apply_draft(img, image_size)
+            img.load()  # the first frame of an animation; raises on truncated or corrupt data
+            loaded = img.size
             try:
                 img = ImageOps.exif_transpose(img)
             except Exception:  # noqa: BLE001 - a broken EXIF block must not lose a decodable image
                 pass
-            if img.size != (width, height) and img.size[::-1] == (width, height):
-                width, height = height, width  # rotated by 90/270 degrees
-            rgb = _to_rgb(img)
-            pixels = resize_rgb(rgb, image_size)  # (S, S, 3) uint8
+            if img.size != loaded:  # rotated by 90 or 270 degrees
+                width, height = height, width
+            pixels = resize_rgb(_to_rgb(img), image_size)  # (S, S, 3) uint8
     except DecodeError:
         raise
-    except Image.DecompressionBombError as e:
-        raise DecodeError(f"decompression bomb: {e}", width, height) from e
-    except Image.DecompressionBombWarning as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise DecodeError(f"decompression bomb: {e}", width, height) from e
     except Image.UnidentifiedImageError as e:
-        head = raw[:16]
-        raise DecodeError(f"not an image PIL can read ({len(raw)} bytes, starting {head!r})") from e
+        raise DecodeError(f"not an image PIL can read ({len(raw)} bytes, starting {raw[:16]!r})") from e
     except MemoryError as e:
         raise DecodeError(f"out of memory decoding a {width}x{height} image", width, height) from e
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, ...
