@@ -101,7 +101,7 @@ def _resolve(path_or_id: str | os.PathLike[str]) -> Path:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"could not get {s!r} from the Hugging Face hub ({reason}); download it where there is network "
-            f"(huggingface-cli download {s} --local-dir DIR) and pass the local folder or .pth path instead"
+            f"(`hf download {s} --local-dir DIR`) and pass the local folder or .pth path instead"
         ) from None
 
 

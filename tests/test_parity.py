@@ -76,7 +76,9 @@ def test_against_blip_captioning(size: str, tiny_vocab_dir: Path, tmp_path: Path
     keep = mask.bool()
     torch.testing.assert_close(got[keep], want[keep], **TOL)
     # the images matter (guards against transformers' ~1e-10 vision init)
-    assert (want[0, 1] - ref(pixel_values=pixels.flip(0), input_ids=ids, attention_mask=mask).logits[0, 1]).abs().max() > 1e-2
+    assert (
+        want[0, 1] - ref(pixel_values=pixels.flip(0), input_ids=ids, attention_mask=mask).logits[0, 1]
+    ).abs().max() > 1e-2
 
     prompt = tok(["a picture of "] * len(pixels), return_tensors="pt").input_ids  # transformers drops the [SEP]
     n_prompt = prompt.shape[1] - 1
