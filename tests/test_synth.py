@@ -255,3 +255,18 @@ def test_cli_synth(tmp_path: Path) -> None:
     assert len(_read_wds(sorted((tmp_path / "o").glob("*.tar")))) == 7
     r = CliRunner().invoke(main, ["synth", str(tmp_path / "p"), "--samples", "3", "--noise", "1.5"])
     assert r.exit_code != 0 and "noise" in r.output
+
+
+def test_write_to_s3(s3_server) -> None:
+    """write_corpus through fsspec to moto's S3 server on loopback; read back through s3fs."""
+    bucket = s3_server.make_bucket()
+    url = f"s3://{bucket}/corpus"
+    info = synth.write_corpus(url, 8, samples_per_shard=5, storage_options=s3_server.storage_options)
+    s3_server.fs.invalidate_cache()
+    names = sorted(p.rsplit("/", 1)[1] for p in s3_server.fs.ls(f"{bucket}/corpus"))
+    assert names == sorted(f"{s}{e}" for s in info["shards"] for e in (".tar", ".parquet", "_stats.json"))
+    with s3_server.fs.open(f"{bucket}/corpus/00001.tar", "rb") as f:
+        members = tarfile.open(fileobj=io.BytesIO(f.read())).getnames()
+    assert members[:3] == ["000010.jpg", "000010.json", "000010.txt"] and len(members) == 9
+    truth = synth.read_truth(url, storage_options=s3_server.storage_options)
+    assert len(truth) == 8 and truth["000012"] == synth.make_sample(0, 7, 0.3, total=8).truth()
