@@ -61,5 +61,71 @@ def synth(
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(r["noise_kinds"].items()))
     click.echo(f"wrote {r['samples']} samples in {len(r['shards'])} {output_format} shards to {out} ({kinds})")
 
+
+@main.command()
+@click.argument("url_list", metavar="URLS.parquet|csv|tsv|txt|jsonl")
+@click.argument("out")
+@click.option("--url-col", default="url", show_default=True, help="Column holding the image URL.")
+@click.option("--caption-col", default="caption", show_default=True, help="Column holding the web text ('' = none).")
+@click.option(
+    "--image-size",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Resize (down only) to this size; default: keep bytes.",
+)
+@click.option(
+    "--resize-mode",
+    type=click.Choice(["keep_ratio", "center_crop", "border", "keep_ratio_largest"]),
+    default="keep_ratio",
+    show_default=True,
+    help="How --image-size resizes (keep_ratio: smaller side = size).",
+)
+@click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Download processes.")
+@click.option("--threads", type=click.IntRange(min=1), default=64, show_default=True, help="Threads per process.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Samples per shard.")
+@click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True, help="Seconds per download.")
+@click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Start OUT afresh instead of resuming (skipping finished shards).")
+@click.option("--verbose", "-v", is_flag=True, help="Show img2dataset's own progress output.")
+@friendly_errors
+def ingest(
+    url_list: str,
+    out: str,
+    url_col: str,
+    caption_col: str,
+    image_size: int | None,
+    resize_mode: str,
+    processes: int,
+    threads: int,
+    shard_size: int,
+    timeout: int,
+    retries: int,
+    overwrite: bool,
+    verbose: bool,
+) -> None:
+    """Download the images of a URL list with img2dataset into webdataset shards in OUT (local or s3://...)."""
+    from pipelines.ingest import ingest as run_ingest
+
+    try:
+        result = run_ingest(
+            url_list,
+            out,
+            url_col=url_col,
+            caption_col=caption_col or None,
+            image_size=image_size,
+            resize_mode=resize_mode,
+            processes=processes,
+            threads=threads,
+            shard_size=shard_size,
+            timeout=timeout,
+            retries=retries,
+            overwrite=overwrite,
+            verbose=verbose,
+        )
+    except RuntimeError as e:  # img2dataset itself failed: its output tail is the message
+        raise CapfiltError(str(e)) from e
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":
     main()
