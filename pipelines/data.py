@@ -1,0 +1,375 @@
+"""Training and evaluation data: webdataset tars -> samples -> (Ray Data) -> fixed-size tensor batches.
+
+Accepts plain img2dataset tars (`KEY.jpg` + one caption in `KEY.txt`) and the kept tars of `capfilt run`
+(`KEY.json` carries a `texts` list of every kept text). Each training sample draws one of its texts at random every
+epoch, as BLIP does with web text + synthetic captions. Bad samples (undecodable image, no non-empty text, unreadable
+tar) are skipped and counted, never fatal.
+
+Train augmentations follow the original BLIP: RandomResizedCrop (bicubic), horizontal flip and RandomAugment(2, 5)
+over {Identity, AutoContrast, Equalize, Brightness, Sharpness, ShearX/Y, TranslateX/Y, Rotate}, written with PIL
+(torchvision would pull a CUDA torch build).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import math
+import os
+import random
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageFile, ImageOps
+
+from blip.image import resize_rgb
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb cap, set explicitly
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+# ---------------------------------------------------------------------------------------------------- finding tars
+
+
+def list_tars(data: str) -> list[str]:
+    """`--data` (a folder, a glob, one .tar, or a comma-separated list of those; local or fsspec URL) -> sorted tars.
+
+    Raises FileNotFoundError when nothing matches, so the CLI prints one clear line.
+    """
+    out: list[str] = []
+    for part in [p.strip() for p in data.split(",") if p.strip()]:
+        if "://" in part:
+            import fsspec
+
+            fs, _, paths = fsspec.get_fs_token_paths(part)
+            proto = part.split("://", 1)[0]
+            if len(paths) == 1 and fs.isdir(paths[0]):
+                paths = fs.glob(paths[0].rstrip("/") + "/**.tar")
+            out += [f"{proto}://{p}" for p in paths if p.endswith(".tar")]
+        elif os.path.isdir(part):
+            out += glob.glob(os.path.join(part, "**", "*.tar"), recursive=True)
+        else:
+            out += [p for p in glob.glob(part, recursive=True) if p.endswith(".tar") and os.path.isfile(p)]
+    out = sorted(set(out))
+    if not out:
+        raise FileNotFoundError(f"no webdataset .tar files found at {data!r}")
+    return out
+
+
+def _open(path: str):
+    if "://" in path:
+        import fsspec
+
+        return fsspec.open(path, "rb").open()
+    return open(path, "rb")
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+
+
+def iter_tar_groups(path: str) -> Iterator[dict[str, Any]]:
+    """Stream one tar: yields {"__key__", "__url__", ext: bytes, ...} per sample (members grouped by key).
+
+    A tar that cannot be read (truncated, not a tar) yields one {"__key__": None, "__error__": msg} record after the
+    samples it could read, so the caller counts it.
+    """
+    current: dict[str, Any] | None = None
+    try:
+        with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                name = os.path.basename(member.name)
+                if "." not in name:
+                    continue
+                key, ext = name.split(".", 1)
+                key = os.path.join(os.path.dirname(member.name), key)
+                fobj = tar.extractfile(member)
+                data = fobj.read() if fobj is not None else b""
+                if current is None or current["__key__"] != key:
+                    if current is not None:
+                        yield current
+                    current = {"__key__": key, "__url__": path}
+                current[ext.lower()] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if current is not None:
+            yield current
+            current = None
+        yield {"__key__": None, "__url__": path, "__error__": f"{type(e).__name__}: {e}"}
+    if current is not None:
+        yield current
+
+
+def pre_caption(text: str, max_words: int = 30) -> str:
+    """The original BLIP text cleaning: lowercase, drop some punctuation, collapse spaces, cap the word count."""
+    text = re.sub(r"([.!\"()*#:;~])", " ", text.lower())
+    text = re.sub(r"\s{2,}", " ", text).rstrip("\n").strip(" ")
+    return " ".join(text.split(" ")[:max_words])
+
+
+def sample_meta(group: dict[str, Any]) -> dict[str, Any]:
+    """The sample's `.json` as a dict ({} when absent or not a JSON object)."""
+    try:
+        m = json.loads(group["json"]) if group.get("json") else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return m if isinstance(m, dict) else {}
+
+
+def sample_texts(group: dict[str, Any], max_words: int = 30) -> list[str]:
+    """All usable texts of a sample: the json `texts` list of `capfilt run`'s kept tars, else the `.txt` caption."""
+    texts: list[str] = []
+    m = sample_meta(group)
+    if isinstance(m.get("texts"), list):
+        texts = [t for t in m["texts"] if isinstance(t, str)]
+    if not texts and group.get("txt") is not None:
+        texts = [group["txt"].decode("utf-8", errors="replace")]
+    cleaned = [pre_caption(t, max_words) for t in texts]
+    return [t for t in cleaned if t]
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Image bytes -> RGB PIL (EXIF orientation applied); raises on anything PIL cannot fully decode."""
+    with Image.open(io.BytesIO(data)) as im:
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"image of {im.width}x{im.height} pixels is over the {MAX_IMAGE_PIXELS} cap")
+        im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
+
+
+@dataclass
+class Parsed:
+    key: str
+    image: Image.Image | None
+    texts: list[str]
+    status: str  # "ok" | "decode_error" | "empty_text" | "no_image" | "bad_tar"
+    error: str = ""
+    meta: dict[str, Any] | None = None  # the sample's json (the synthetic world keeps its ground truth there)
+
+
+def parse_group(group: dict[str, Any], max_words: int = 30) -> Parsed:
+    """One grouped tar record -> image + texts, or a status saying why it is unusable."""
+    key = group.get("__key__")
+    if key is None:
+        return Parsed(key=str(group.get("__url__")), image=None, texts=[], status="bad_tar", error=group["__error__"])
+    ext = next((e for e in IMAGE_EXTS if e in group), None)
+    if ext is None:
+        return Parsed(key=key, image=None, texts=[], status="no_image", error="no image member")
+    texts = sample_texts(group, max_words)
+    if not texts:
+        return Parsed(key=key, image=None, texts=[], status="empty_text", error="no non-empty text")
+    try:
+        image = decode_image(group[ext])
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample status, never a crash
+        return Parsed(key=key, image=None, texts=texts, status="decode_error", error=f"{type(e).__name__}: {e}")
+    return Parsed(key=key, image=image, texts=texts, status="ok", meta=sample_meta(group))
+
+
+def iter_samples(tars: list[str], max_words: int = 30) -> Iterator[Parsed]:
+    """Every record of every tar, parsed (bad ones included, with their status)."""
+    for path in tars:
+        for group in iter_tar_groups(path):
+            yield parse_group(group, max_words)
+
+
+def stable_id(key: str) -> int:
+    """A sample id that is the same in every process (retrieval fine-tuning: same-image pairs are not negatives)."""
+    return zlib.crc32(key.encode("utf-8")) & 0x7FFFFFFF
+
+
+# ---------------------------------------------------------------------------------------------------- augmentations
+
+
+def random_resized_crop(
+    img: Image.Image, size: int, rng: random.Random, scale: tuple[float, float] = (0.5, 1.0)
+) -> Image.Image:
+    """torchvision's RandomResizedCrop (ratio 3/4..4/3, 10 tries, then a centre crop), bicubic resize to size."""
+    w, h = img.size
+    area = w * h
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+    # fallback: the largest centre crop with the ratio clamped into range
+    in_ratio = w / h
+    if in_ratio < 3 / 4:
+        cw, ch = w, round(w / (3 / 4))
+    elif in_ratio > 4 / 3:
+        cw, ch = round(h * (4 / 3)), h
+    else:
+        cw, ch = w, h
+    x, y = (w - cw) // 2, (h - ch) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(x, y, x + cw, y + ch))
+
+
+_GREY = (128, 128, 128)
+
+
+def _affine(img: Image.Image, coeffs: tuple[float, ...]) -> Image.Image:
+    return img.transform(img.size, Image.AFFINE, coeffs, resample=Image.NEAREST, fillcolor=_GREY)
+
+
+# RandomAugment ops at magnitude M (of 10): enhance factor M/10*1.8+0.1, shear M/10*0.3, translate M px (of the
+# original's translate_const 10 at M=10 -> M/10*10), rotate M/10*30 degrees; geometric ops get a random sign.
+def _op(name: str, img: Image.Image, m: int, rng: random.Random) -> Image.Image:
+    sign = 1 if rng.random() < 0.5 else -1
+    if name == "Identity":
+        return img
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Brightness":
+        return ImageEnhance.Brightness(img).enhance(m / 10 * 1.8 + 0.1)
+    if name == "Sharpness":
+        return ImageEnhance.Sharpness(img).enhance(m / 10 * 1.8 + 0.1)
+    if name == "ShearX":
+        return _affine(img, (1, sign * m / 10 * 0.3, 0, 0, 1, 0))
+    if name == "ShearY":
+        return _affine(img, (1, 0, 0, sign * m / 10 * 0.3, 1, 0))
+    if name == "TranslateX":
+        return _affine(img, (1, 0, -sign * m / 10 * 10, 0, 1, 0))
+    if name == "TranslateY":
+        return _affine(img, (1, 0, 0, 0, 1, -sign * m / 10 * 10))
+    if name == "Rotate":
+        return img.rotate(sign * m / 10 * 30, resample=Image.NEAREST, fillcolor=_GREY)
+    raise ValueError(f"unknown augmentation {name!r}")
+
+
+RAND_AUG_OPS = (
+    "Identity",
+    "AutoContrast",
+    "Brightness",
+    "Sharpness",
+    "Equalize",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+)
+
+
+def random_augment(img: Image.Image, rng: random.Random, n: int = 2, m: int = 5) -> Image.Image:
+    """The original's RandomAugment(N, M): N ops drawn with replacement, each applied with probability 0.5."""
+    for name in [rng.choice(RAND_AUG_OPS) for _ in range(n)]:
+        if rng.random() < 0.5:
+            img = _op(name, img, m, rng)
+    return img
+
+
+@dataclass
+class AugmentConfig:
+    image_size: int = 224
+    min_scale: float = 0.5  # RandomResizedCrop scale range (min_scale, 1); the original pretrains with 0.2
+    hflip: bool = True  # the original flips; turn off when captions say left/right
+    rand_aug_n: int = 2  # 0 turns RandomAugment off
+    rand_aug_m: int = 5
+
+
+def train_transform(img: Image.Image, cfg: AugmentConfig, rng: random.Random) -> np.ndarray:
+    """PIL RGB -> augmented (S, S, 3) uint8."""
+    img = random_resized_crop(img, cfg.image_size, rng, (cfg.min_scale, 1.0))
+    if cfg.hflip and rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    if cfg.rand_aug_n > 0:
+        img = random_augment(img, rng, cfg.rand_aug_n, cfg.rand_aug_m)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
+    """The original eval transform (bicubic resize to S x S, aspect not kept) -> (S, S, 3) uint8."""
+    return resize_rgb(img, image_size)
+
+
+# ---------------------------------------------------------------------------------------------------- Ray Data
+
+
+@dataclass
+class TextConfig:
+    max_words: int = 30
+    max_length: int = 30  # tokens incl. [CLS]/[SEP]; batches are trimmed to their longest text in the worker
+    prompt: str = ""  # prepended to every training text (the captioner's "a picture of ")
+
+
+class SkipCounter:
+    """Ray actor: unique bad keys per reason (each epoch re-reads the data, so count keys, not events)."""
+
+    def __init__(self) -> None:
+        self.bad: dict[str, set[str]] = {}
+        self.errors: dict[str, str] = {}
+
+    def add(self, items: list[tuple[str, str, str]]) -> None:
+        for status, key, err in items:
+            self.bad.setdefault(status, set()).add(key)
+            self.errors.setdefault(status, f"{key}: {err}")
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "skipped": {k: len(v) for k, v in sorted(self.bad.items())},
+            "example_errors": dict(self.errors),
+        }
+
+
+def _tar_to_rows(
+    row: dict[str, Any], aug: AugmentConfig, text: TextConfig, tokenizer: Any, counter: Any
+) -> Iterator[dict[str, Any]]:
+    """flat_map: one tar path -> augmented, tokenised rows. Randomness is fresh each epoch (new text draw)."""
+    rng = random.Random()  # OS entropy: every epoch re-runs this with new draws, as the original's DataLoader
+    bad: list[tuple[str, str, str]] = []
+    for group in iter_tar_groups(row["path"]):
+        p = parse_group(group, text.max_words)
+        if p.status != "ok":
+            bad.append((p.status, p.key, p.error))
+            continue
+        caption = text.prompt + rng.choice(p.texts)
+        enc = tokenizer(caption, padding="max_length", truncation=True, max_length=text.max_length)
+        yield {
+            "image": train_transform(p.image, aug, rng),  # (S, S, 3) uint8
+            "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),  # (L,)
+            "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),  # (L,)
+            "idx": np.int64(stable_id(p.key)),
+        }
+    if bad and counter is not None:
+        counter.add.remote(bad)
+
+
+def build_train_dataset(
+    tars: list[str], aug: AugmentConfig, text: TextConfig, tokenizer: Any, counter: Any = None, seed: int = 0
+):
+    """A lazy, streaming Ray Dataset of training rows: one read task per tar (tar order shuffled once by `seed`;
+    rows are mixed further by the local shuffle buffer of `iter_torch_batches`). No all-to-all step, so it streams."""
+    import ray.data
+
+    items = [{"path": p} for p in tars]
+    random.Random(seed).shuffle(items)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds = ds.flat_map(_tar_to_rows, fn_kwargs={"aug": aug, "text": text, "tokenizer": tokenizer, "counter": counter})
+    return ds
+
+
+def count_tar_samples(tars: list[str]) -> int:
+    """Number of sample keys in the tars (headers only for local files): sizes an epoch for schedules."""
+    n = 0
+    for path in tars:
+        keys: set[str] = set()
+        try:
+            with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for m in tar:
+                    if m.isfile() and "." in os.path.basename(m.name):
+                        keys.add(m.name.rsplit("/", 1)[-1].split(".", 1)[0] + "@" + os.path.dirname(m.name))
+        except (tarfile.TarError, OSError, EOFError):
+            pass
+        n += len(keys)
+    return n

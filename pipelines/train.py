@@ -1,0 +1,732 @@
+"""BLIP pretraining and fine-tuning on Ray Train (TorchTrainer + DDP), fed by Ray Data streaming webdataset tars.
+
+One entry point, `train(settings)`, serves `capfilt pretrain` (ITC + ITM + LM, BlipPretrain) and `capfilt finetune`
+(task "caption": BlipCaptioner LM loss with the prompt; task "retrieval": BlipRetrieval ITC + ITM with momentum
+encoders and queues, same-image pairs never negatives).
+
+Layout of `--output`:
+  config.json, model.safetensors, tokenizer files   the final model (our folder format: `blip.load(output)` reads it)
+  checkpoints/step_00000123/                         model folder + train_state.pt (optimizer, schedule position,
+                                                     step, RNG per rank, queues); `--resume` picks the latest
+  log.jsonl, log.csv, loss_curves.png                per logged step: losses, lr, samples/s
+  train_summary.json                                 run totals, skipped-sample counts, cross-worker parameter check
+
+The driver builds the initial model once (from scratch with a preset, from `--init`, or from the latest checkpoint),
+checks the settings (queue size divisible by the global batch, ...), and hands weights + state to the workers through
+the object store. Checkpoints are written by rank 0 straight into `--output` (a shared path on multi-node clusters).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+TASK_FAMILY = {"pretrain": "pretrain", "caption": "caption", "retrieval": "retrieval"}
+LOSS_KEYS = {
+    "pretrain": ("loss_itc", "loss_itm", "loss_lm"),
+    "caption": ("loss_lm",),
+    "retrieval": ("loss_itc", "loss_itm"),
+}
+CKPT_RE = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainSettings:
+    """Every run setting; YAML presets in configs/ set these keys, CLI flags override them."""
+
+    task: str = "pretrain"  # pretrain | caption | retrieval
+    data: str = ""
+    output: str = ""
+    model: str = "base"  # preset for a from-scratch model: tiny | base | large
+    init: str | None = None  # any checkpoint blip.load reads
+    tokenizer: str | None = None  # tokenizer folder / vocab.txt (from-scratch runs; a checkpoint carries its own)
+    resume: bool = False
+    # model overrides (None: keep the preset's / checkpoint's value)
+    image_size: int | None = None
+    queue_size: int | None = None
+    momentum: float | None = None
+    alpha: float | None = None
+    label_smoothing: float | None = None
+    drop_path_rate: float | None = None
+    grad_checkpointing: bool = False
+    # optimisation (the original BLIP schedules are per epoch)
+    batch_size: int = 75  # per worker; global batch = batch_size * workers
+    epochs: int = 20
+    max_steps: int | None = None  # stop after this many optimizer steps in total (tests, smoke runs)
+    init_lr: float = 3e-4
+    min_lr: float = 1e-6
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 3000  # linear warmup_lr -> init_lr over the first steps of epoch 0
+    lr_decay_rate: float = 0.9
+    schedule: str = "step"  # step: lr = max(min_lr, init_lr * rate**epoch) | cosine: init_lr -> min_lr over epochs
+    weight_decay: float = 0.05
+    grad_clip: float | None = None
+    bf16: bool = True  # autocast on GPU only
+    # data
+    min_scale: float = 0.2
+    hflip: bool = True
+    rand_aug_n: int = 2
+    rand_aug_m: int = 5
+    max_words: int = 30
+    max_length: int = 30
+    shuffle_buffer: int = 1000
+    # run
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None  # None: when the cluster has GPUs
+    address: str | None = None
+    checkpoint_every: int = 1000  # steps
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 42
+    extra: dict[str, Any] = field(default_factory=dict)  # unknown YAML keys, kept for the record
+
+    @classmethod
+    def from_yaml(cls, path: str | Path | None, **overrides: Any) -> TrainSettings:
+        """Preset YAML + overrides (None values ignored); unknown keys are an error, so typos do not pass silently."""
+        import yaml
+
+        d: dict[str, Any] = {}
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"config file {path} does not exist")
+            d = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(d, dict):
+                raise ValueError(f"config file {path} must hold a mapping of settings")
+        d.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        s = cls(**d)
+        s.validate()
+        return s
+
+    def validate(self) -> None:
+        if self.task not in TASK_FAMILY:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {sorted(TASK_FAMILY)}")
+        if self.schedule not in ("step", "cosine"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected 'step' or 'cosine'")
+        for name in ("batch_size", "epochs", "workers", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (got {self.max_steps})")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers
+
+
+# ---------------------------------------------------------------------------------------------------- schedule
+
+
+def learning_rate(s: TrainSettings, epoch: int, step_in_epoch: int) -> float:
+    """The original BLIP schedules: per-epoch step decay (pretrain) or per-epoch cosine (finetune), with a linear
+    warmup from warmup_lr to init_lr over the first `warmup_steps` steps of epoch 0."""
+    if s.schedule == "cosine":
+        lr = (s.init_lr - s.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / s.epochs)) + s.min_lr
+    else:
+        lr = max(s.min_lr, s.init_lr * s.lr_decay_rate**epoch)
+    if epoch == 0 and s.warmup_steps > 0:
+        lr = min(lr, s.warmup_lr + (s.init_lr - s.warmup_lr) * step_in_epoch / s.warmup_steps)
+    return lr
+
+
+def alpha_at(s: TrainSettings, base_alpha: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+    """Momentum-distillation weight, ramped linearly over the first epoch as in the original."""
+    if epoch > 0:
+        return base_alpha
+    return base_alpha * min(1.0, step_in_epoch / max(1, steps_per_epoch))
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+def _model_class(family: str, cfg: Any) -> nn.Module:
+    from blip.model import MODEL_CLASSES, BlipRetrieval
+
+    if family == "retrieval":  # fine-tuning the filter needs the momentum encoders and queues
+        return BlipRetrieval(cfg, momentum=True)
+    return MODEL_CLASSES[family](cfg)
+
+
+def _interpolate_pos_embed(pe: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """(1, 1 + n, D) -> (1, 1 + num_patches, D): bicubic on the patch grid, [CLS] kept (pretrain 224 -> 384 px)."""
+    cls, grid = pe[:, :1], pe[:, 1:]
+    old, new = int(math.isqrt(grid.shape[1])), int(math.isqrt(num_patches))
+    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # (1, D, old, old)
+    grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
+    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pe.dtype)], dim=1)
+
+
+def _config_overrides(s: TrainSettings, cfg: Any) -> Any:
+    vision = {"grad_checkpointing": s.grad_checkpointing}
+    if s.image_size is not None:
+        vision["image_size"] = s.image_size
+    if s.drop_path_rate is not None:
+        vision["drop_path_rate"] = s.drop_path_rate
+    top = {
+        k: getattr(s, k) for k in ("queue_size", "momentum", "alpha", "label_smoothing") if getattr(s, k) is not None
+    }
+    return replace(cfg, vision=replace(cfg.vision, **vision), **top)
+
+
+def transfer_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Copy every key of `sd` that `model` has (shape-checked; ViT position embeddings resized); report the rest.
+
+    This is how a pretrain checkpoint becomes a captioner or a filter: its state dict holds both families' keys.
+    """
+    own = model.state_dict()
+    take: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        if k.endswith("pos_embed") and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
+            v = _interpolate_pos_embed(v, own[k].shape[1] - 1)
+        if v.shape != own[k].shape:
+            skipped.append(k)
+            continue
+        take[k] = v
+    missing = [k for k in own if k not in take]
+    model.load_state_dict(take, strict=False)
+    return {"missing": missing, "shape_mismatch": skipped}
+
+
+def build_model(s: TrainSettings, source: str | None) -> tuple[nn.Module, Any]:
+    """The model to train (family from the task), from scratch or from `source`; returns (model, tokenizer)."""
+    from blip.config import BlipConfig
+    from blip.model import ContrastiveMixin, init_weights
+    from blip.tokenizer import build_tokenizer
+
+    family = TASK_FAMILY[s.task]
+    if source is None:
+        if not s.tokenizer:
+            raise ValueError("a from-scratch run needs --tokenizer (a tokenizer folder or vocab.txt)")
+        tok = build_tokenizer(s.tokenizer)
+        cfg = _config_overrides(s, BlipConfig.from_name(s.model, family=family))
+        torch.manual_seed(s.seed)
+        model = _model_class(family, cfg)
+        init_weights(model)
+    else:
+        loaded = _load_any(source)
+        tok = loaded.tokenizer
+        if s.tokenizer:
+            tok = build_tokenizer(s.tokenizer)
+        if tok is None:
+            raise ValueError(f"{source} carries no tokenizer; pass --tokenizer")
+        cfg = _config_overrides(s, replace(loaded.config, family=family))
+        model = _model_class(family, cfg)
+        report = transfer_weights(model, loaded.state_dict())
+        core = [k for k in report["missing"] if not _is_momentum_or_queue(k)]
+        if core:
+            raise ValueError(
+                f"{source} lacks {len(core)} weights the {family} model needs (e.g. {', '.join(core[:4])}); "
+                "initialise a captioner from a caption or pretrain checkpoint, a filter from a retrieval or pretrain one"
+            )
+        if isinstance(model, ContrastiveMixin) and any(_is_momentum(k) for k in report["missing"]):
+            model.copy_params()  # momentum copies start from the online weights, as the original
+        del loaded
+    model.tokenizer = tok
+    return model, tok
+
+
+def _is_momentum(k: str) -> bool:
+    return k.split(".")[0].endswith("_m")
+
+
+def _is_momentum_or_queue(k: str) -> bool:
+    return _is_momentum(k) or k in ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
+
+
+def _load_any(source: str) -> nn.Module:
+    """A checkpoint folder of ours (train checkpoints keep momentum weights + queues), else whatever blip.load reads."""
+    p = Path(source)
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return load_folder(p)
+    import blip.load
+
+    return blip.load.load(source)
+
+
+def load_folder(path: str | Path) -> nn.Module:
+    """Our folder (config.json + model.safetensors + tokenizer files) -> model with every saved tensor, momentum
+    encoders and queues included (blip.load keeps the inference families slim)."""
+    from safetensors.torch import load_file
+
+    from blip.config import BlipConfig
+    from blip.tokenizer import build_tokenizer
+
+    path = Path(path)
+    cfg = BlipConfig.from_dict(json.loads((path / "config.json").read_text()))
+    sd = load_file(str(path / "model.safetensors"))
+    momentum = any(_is_momentum(k) for k in sd)
+    if cfg.family == "retrieval" and momentum:
+        from blip.model import BlipRetrieval
+
+        model = BlipRetrieval(cfg, momentum=True)
+    else:
+        from blip.model import MODEL_CLASSES
+
+        model = MODEL_CLASSES[cfg.family](cfg)
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    model.load_state_dict(sd, strict=False)
+    # keys a saver may drop are tied aliases (LM head = word embeddings, shared encoder/decoder modules)
+    ptrs = {own[k].data_ptr() for k in own if k in sd}
+    untied = [k for k in missing if own[k].data_ptr() not in ptrs and not k.endswith("position_ids")]
+    if untied:
+        raise ValueError(f"checkpoint {path} lacks {len(untied)} weights (e.g. {', '.join(untied[:4])})")
+    unexpected = [k for k in sd if k not in own]
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has {len(unexpected)} unknown weights (e.g. {', '.join(unexpected[:4])})")
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    model.tokenizer = build_tokenizer(path) if any((path / f).is_file() for f in tok_files) else None
+    return model
+
+
+def save_folder(model: nn.Module, path: str | Path, slim: bool = False) -> None:
+    """Our folder format. `slim` drops momentum encoders and queues of a filter, so `blip.load` / `capfilt run` read
+    it as a plain BlipRetrieval; training checkpoints keep everything."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if slim and getattr(model, "momentum", False):
+        from blip.model import BlipRetrieval
+
+        plain = BlipRetrieval(model.config, momentum=False)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+        plain.tokenizer = model.tokenizer
+        model = plain
+    from blip.load import save_pretrained
+
+    save_pretrained(model, path)
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output: str | Path) -> list[tuple[int, Path]]:
+    d = Path(output) / "checkpoints"
+    if not d.is_dir():
+        return []
+    out = []
+    for p in d.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and (p / "train_state.pt").is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(output: str | Path) -> Path | None:
+    cks = list_checkpoints(output)
+    return cks[-1][1] if cks else None
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+
+
+def _queues(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.named_buffers() if _is_momentum_or_queue(k)}
+
+
+# ---------------------------------------------------------------------------------------------------- worker loop
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _all_min(flag: int, device: torch.device) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([flag], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def _param_digest(model: nn.Module) -> torch.Tensor:
+    """One float64 per tensor (parameters and buffers): equal across ranks iff DDP kept them in sync (to fp error
+    of the sum; the test also compares the full tensors)."""
+    return torch.stack([t.detach().double().sum() for t in model.state_dict().values()])
+
+
+def _write_checkpoint(
+    raw: nn.Module, opt: torch.optim.Optimizer, s: TrainSettings, pos: dict[str, int], rank: int, world: int
+) -> Path:
+    """Rank 0 writes model + train_state into a temp folder, every rank its RNG, then an atomic rename: a kill
+    mid-write never leaves a half checkpoint that --resume would pick."""
+    out = Path(s.output) / "checkpoints"
+    step = pos["step"]
+    final, tmp = out / f"step_{step:08d}", out / f".tmp_step_{step:08d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    torch.save(_rng_state(), tmp / f"rng_rank{rank}.pt")
+    _barrier()
+    if rank == 0:
+        save_folder(raw, tmp)
+        state = {
+            **pos,
+            "world_size": world,
+            "optimizer": opt.state_dict(),
+            "queues": _queues(raw),
+            "settings": asdict(s),
+        }
+        torch.save(state, tmp / "train_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(s.output)[: -s.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+class _Log:
+    """Rank 0's JSONL + CSV log; on resume the lines after the checkpoint's step are dropped (they will be redone)."""
+
+    def __init__(self, output: str, keys: tuple[str, ...], resume_step: int):
+        self.jsonl, self.csv = Path(output) / "log.jsonl", Path(output) / "log.csv"
+        self.cols = ["step", "epoch", "lr", "loss", *keys, "samples_per_s", "elapsed_s"]
+        rows = []
+        if resume_step > 0 and self.jsonl.is_file():
+            rows = [json.loads(x) for x in self.jsonl.read_text().splitlines() if x.strip()]
+            rows = [r for r in rows if r["step"] <= resume_step]
+        with open(self.jsonl, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        with open(self.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self.cols, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(self.csv, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.cols, extrasaction="ignore").writerow(row)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: DDP model, streaming shard, schedule, checkpoints, logs."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    from blip.image import normalize
+
+    s = TrainSettings(**config["settings"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    model_cfg, tokenizer = config["model_config"], config["tokenizer"]
+    state_dict = ray.get(config["state_ref"])
+    train_state = ray.get(config["train_state_ref"]) if config["train_state_ref"] is not None else None
+
+    raw = _model_class(model_cfg.family, model_cfg)
+    raw.load_state_dict(state_dict, strict=False)  # tied aliases are the only keys a saver may drop
+    raw.tokenizer = tokenizer
+    del state_dict
+    # DDP broadcasts rank 0's weights and buffers at wrap time; the queues then stay in sync through the all-gather
+    # in the model, so the per-forward buffer broadcast (two E x 57600 queues) is turned off.
+    model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"forward_sync_buffers": False})
+    raw = model.module if hasattr(model, "module") else model
+
+    # the original applies weight decay 0.05 to every trainable parameter (one AdamW group); kept so
+    params = [p for p in raw.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=s.init_lr, weight_decay=s.weight_decay)
+
+    step, epoch, step_in_epoch = 0, 0, 0
+    seed = s.seed + 1000 * rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    if train_state is not None:
+        opt.load_state_dict(train_state["optimizer"])
+        step, epoch, step_in_epoch = train_state["step"], train_state["epoch"], train_state["step_in_epoch"]
+        bufs = dict(raw.named_buffers())
+        for k, v in train_state["queues"].items():
+            if k in bufs:
+                bufs[k].copy_(v.to(bufs[k].device))
+        rng = config["rng_states"].get(rank) if train_state["world_size"] == world else None
+        if rng is not None:
+            _set_rng_state(rng)
+
+    keys = LOSS_KEYS[s.task]
+    log = _Log(s.output, keys, step) if rank == 0 else None
+    steps_per_epoch = config["steps_per_epoch"]
+    total_steps = min(s.max_steps or 10**18, s.epochs * steps_per_epoch)
+    use_amp = device.type == "cuda" and s.bf16
+    base_alpha = model_cfg.alpha
+    shard = ray.train.get_dataset_shard("train")
+    t_start, t_last, n_last = time.time(), time.time(), 0
+
+    model.train()
+    last_ckpt = step
+    while epoch < s.epochs and step < total_steps:
+        it = iter(
+            shard.iter_torch_batches(
+                batch_size=s.batch_size,
+                drop_last=True,
+                local_shuffle_buffer_size=s.shuffle_buffer or None,
+                device=device,
+            )
+        )
+        batch: dict[str, torch.Tensor] | None = None
+        while step < total_steps and step_in_epoch < steps_per_epoch:
+            batch = next(it, None)
+            # every rank must run the same number of steps, or the DDP all-reduce hangs
+            if _all_min(int(batch is not None), device) == 0:
+                break
+            lr = learning_rate(s, epoch, step_in_epoch)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            pixels = normalize(batch["image"], model_cfg.image_mean, model_cfg.image_std)  # (B, 3, S, S)
+            length = int(batch["attention_mask"].sum(1).max())  # trim to the longest text (padding="longest")
+            ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                if s.task == "pretrain":
+                    alpha = alpha_at(s, base_alpha, epoch, step_in_epoch, steps_per_epoch)
+                    losses = model(pixels, ids, mask, alpha=alpha)
+                elif s.task == "retrieval":
+                    alpha = alpha_at(s, base_alpha, epoch, step_in_epoch, steps_per_epoch)
+                    losses = model(pixels, ids, mask, batch["idx"], alpha=alpha)
+                else:
+                    losses = {"loss_lm": model(pixels, ids, mask)}
+            loss = sum(losses[k] for k in keys)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if s.grad_clip:
+                torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
+            opt.step()
+            step += 1
+            step_in_epoch += 1
+            n_last += s.batch_size * world
+
+            if rank == 0 and (step % s.log_every == 0 or step == total_steps):
+                now = time.time()
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": lr,
+                    "loss": float(loss.detach()),
+                    **{k: float(losses[k].detach()) for k in keys},
+                    "samples_per_s": n_last / max(now - t_last, 1e-9),
+                    "elapsed_s": now - t_start,
+                }
+                log.write(row)
+                t_last, n_last = now, 0
+                parts = " ".join(f"{k[5:]} {row[k]:.3f}" for k in keys)
+                done = int(20 * step / total_steps)
+                print(
+                    f"[{s.task}] [{'#' * done}{'.' * (20 - done)}] step {step}/{total_steps} ep {epoch} | {parts} | "
+                    f"lr {lr:.2e} | "
+                    f"{row['samples_per_s']:.1f} samples/s",
+                    flush=True,
+                )
+            if step % s.checkpoint_every == 0:
+                pos = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch}
+                _write_checkpoint(raw, opt, s, pos, rank, world)
+                last_ckpt = step
+        if step_in_epoch >= steps_per_epoch or batch is None:
+            epoch, step_in_epoch = epoch + 1, 0
+        del it
+
+    if last_ckpt != step:
+        _write_checkpoint(raw, opt, s, {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch}, rank, world)
+
+    # the parameters (and queues) must be the same on every worker after DDP training
+    import torch.distributed as dist
+
+    digest = _param_digest(raw).to(device)
+    in_sync, max_diff = True, 0.0
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        gathered = [torch.empty_like(digest) for _ in range(world)]
+        dist.all_gather(gathered, digest)
+        max_diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
+        in_sync = max_diff == 0.0
+    if rank == 0:
+        save_folder(raw, s.output, slim=True)
+    metrics = {
+        "final_step": step,
+        "epochs_done": epoch,
+        "world_size": world,
+        "params_in_sync": in_sync,
+        "param_digest_max_diff": max_diff,
+        "train_seconds": time.time() - t_start,
+    }
+    # Ray Train (v2) keeps metrics only with a checkpoint: rank 0 attaches a tiny one, the weights live in --output
+    if rank == 0:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "result.json").write_text(json.dumps(metrics))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(metrics)
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+
+
+def _init_ray(s: TrainSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if s.address:
+        ray.init(address=s.address)
+        return
+    # local: the train workers hold CPUs for their whole life; leave at least one for the Ray Data read tasks
+    need = int(math.ceil(s.workers * s.cpus_per_worker)) + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+
+
+def plot_losses(output: str | Path) -> Path | None:
+    """loss_curves.png from log.jsonl: one panel per objective."""
+    p = Path(output) / "log.jsonl"
+    if not p.is_file():
+        return None
+    rows = [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in rows[0] if k.startswith("loss")]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.2))
+    steps = [r["step"] for r in rows]
+    for ax, k in zip(axes, keys):
+        ax.plot(steps, [r[k] for r in rows])
+        ax.set_title(k)
+        ax.set_xlabel("step")
+    axes[-1].plot(steps, [r["lr"] for r in rows])
+    axes[-1].set_title("learning rate")
+    axes[-1].set_xlabel("step")
+    fig.tight_layout()
+    out = Path(output) / "loss_curves.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def train(s: TrainSettings) -> dict[str, Any]:
+    """Run pretraining / fine-tuning to the end; returns the summary also written to output/train_summary.json."""
+    import ray
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.data import AugmentConfig, SkipCounter, build_train_dataset, count_tar_samples, list_tars
+    from pipelines.data import TextConfig as DataTextConfig
+
+    s.validate()
+    if not s.output:
+        raise ValueError("--output is required")
+    tars = list_tars(s.data)
+    out = Path(s.output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    resume_dir = latest_checkpoint(out) if s.resume else None
+    if s.resume and resume_dir is None:
+        print(f"no checkpoint in {out / 'checkpoints'}; starting from the beginning")
+    model, tok = build_model(s, str(resume_dir) if resume_dir else s.init)
+    cfg = model.config
+    if s.task in ("pretrain", "retrieval") and cfg.queue_size % s.global_batch:
+        raise ValueError(
+            f"queue size {cfg.queue_size} must be divisible by the global batch {s.global_batch} "
+            f"(batch_size {s.batch_size} x {s.workers} workers)"
+        )
+    n_samples = count_tar_samples(tars)
+    steps_per_epoch = n_samples // s.global_batch
+    if steps_per_epoch < 1:
+        raise ValueError(f"{n_samples} samples in {len(tars)} tars are fewer than one global batch of {s.global_batch}")
+
+    train_state, rng_states = None, {}
+    if resume_dir is not None:
+        train_state = torch.load(resume_dir / "train_state.pt", map_location="cpu", weights_only=False)
+        for f in resume_dir.glob("rng_rank*.pt"):
+            rng_states[int(f.stem[len("rng_rank") :])] = torch.load(f, weights_only=False)
+        print(f"resuming from {resume_dir} (step {train_state['step']})")
+
+    _init_ray(s)
+    use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer prints its own progress line
+    counter = ray.remote(SkipCounter).options(num_cpus=0).remote()
+    aug = AugmentConfig(cfg.vision.image_size, s.min_scale, s.hflip, s.rand_aug_n, s.rand_aug_m)
+    prompt = cfg.prompt if s.task == "caption" else ""
+    text = DataTextConfig(max_words=s.max_words, max_length=s.max_length, prompt=prompt)
+    ds = build_train_dataset(tars, aug, text, tok, counter, seed=s.seed)
+
+    loop_config = {
+        "settings": asdict(s),
+        "model_config": cfg,
+        "tokenizer": tok,
+        "state_ref": ray.put(model.state_dict()),
+        "train_state_ref": ray.put(train_state) if train_state is not None else None,
+        "rng_states": rng_states,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    del model, train_state
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.workers, use_gpu=use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
+        ),
+        run_config=RunConfig(name="capfilt_" + s.task, storage_path=str((out / "ray_results").resolve())),
+        datasets={"train": ds},
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    wall = time.time() - t0
+    worker = {k: v for k, v in (result.metrics or {}).items() if not k.startswith("_")}
+    rows = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines() if x.strip()]
+    summary = {
+        "task": s.task,
+        "data": s.data,
+        "tars": len(tars),
+        "samples_in_tars": n_samples,
+        "global_batch": s.global_batch,
+        "steps_per_epoch": steps_per_epoch,
+        **worker,
+        "wall_seconds": wall,
+        "mean_samples_per_s": float(np.mean([r["samples_per_s"] for r in rows])) if rows else None,
+        "last": rows[-1] if rows else None,
+        **ray.get(counter.counts.remote()),
+        "checkpoints": [str(p) for _, p in list_checkpoints(out)],
+        "output": str(out),
+    }
+    plot_losses(out)
+    (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
