@@ -3,7 +3,7 @@
 Semantics follow the original BLIP, which called transformers 4.15's `generate`:
 - `max_length` / `min_length` count the prompt tokens ("[DEC] a picture of" is 4 of them);
 - sampling applies repetition penalty and the min-length rule to the logits, then top-k (50, the 4.15 default) and
-  top-p; greedy and beam search apply the same processors (beam search on log-probabilities);
+  top-p, then draws one token per row (an exponential race, not `torch.multinomial`: same distribution, other draws); greedy and beam search apply the same processors (beam search on log-probabilities);
 - beam search keeps `num_beams` finished hypotheses scored by sum of log-probs / length ** length_penalty, where the
   length is the hypothesis without its [SEP] including the prompt (`beam_length="original"`); transformers >= 4.3x
   divides by the generated length including [SEP] instead (`beam_length="hf"`, used by the parity tests).
@@ -26,7 +26,7 @@ def _repetition_penalty(scores: torch.Tensor, ids: torch.Tensor, penalty: float)
         return scores
     s = torch.gather(scores, 1, ids)
     s = torch.where(s < 0, s * penalty, s / penalty)
-    return scores.scatter(1, ids, s)
+    return scores.scatter_(1, ids, s)
 
 
 def _min_length(scores: torch.Tensor, cur_len: int, min_length: int, eos: int) -> torch.Tensor:
@@ -35,18 +35,36 @@ def _min_length(scores: torch.Tensor, cur_len: int, min_length: int, eos: int) -
     return scores
 
 
-def _top_k_top_p(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Keep the top-k logits, then the smallest set whose probability reaches top_p (at least one token)."""
-    if top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]))[0][..., -1, None]
-        scores = scores.masked_fill(scores < kth, NEG_INF)
+def _sample(
+    scores: torch.Tensor,
+    top_k: int,
+    top_p: float,
+    generator: torch.Generator | list[torch.Generator] | None,
+    per_row: int,
+    active: torch.Tensor,
+) -> torch.Tensor:
+    """Top-k, then top-p (the smallest set whose probability reaches p, at least one token), then one draw per row.
+
+    Works on the k best logits only (no full-vocabulary sort). The draw is an exponential race, argmax(p_i / E_i)
+    with E_i ~ Exp(1), an exact categorical sample that, unlike `torch.multinomial`, is cheap for a 30k vocabulary.
+    """
+    k = top_k if 0 < top_k < scores.shape[-1] else scores.shape[-1]
+    vals, idx = torch.topk(scores, k)  # (R, k), descending
     if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        remove = cum <= (1 - top_p)
-        remove[..., -1:] = False
-        scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), NEG_INF)
-    return scores
+        probs = vals.softmax(-1)
+        before = probs.cumsum(-1) - probs  # probability mass ranked above each token
+        vals = vals.masked_fill(before >= top_p, NEG_INF)
+    probs = vals.softmax(-1)
+    if isinstance(generator, list):  # each image draws from its own stream, only while it has live rows
+        noise = torch.ones_like(probs)
+        for i, g in enumerate(generator):
+            sl = slice(i * per_row, (i + 1) * per_row)
+            if active[sl].any():
+                noise[sl].exponential_(generator=g)
+    else:
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+    choice = (probs / noise).argmax(-1, keepdim=True)  # (R, 1)
+    return idx.gather(1, choice).squeeze(1)
 
 
 class _Hypotheses:
@@ -134,15 +152,7 @@ def generate_ids(
         scores = _repetition_penalty(scores, ids, repetition_penalty)
         scores = _min_length(scores, ids.shape[1], min_length, eos_token_id)
         if sample:
-            probs = _top_k_top_p(scores, top_k, top_p).softmax(-1)
-            if gens is None:
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                nxt = torch.full_like(unfinished, pad_token_id, dtype=torch.long)
-                for i, g in enumerate(gens):  # each image draws from its own stream
-                    sl = slice(i * per_row, (i + 1) * per_row)
-                    if unfinished[sl].any():
-                        nxt[sl] = torch.multinomial(probs[sl], 1, generator=g).squeeze(1)
+            nxt = _sample(scores, top_k, top_p, gens if gens is not None else generator, per_row, unfinished)
         else:
             nxt = scores.argmax(-1)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))

@@ -227,3 +227,19 @@ def test_drop_path_only_in_training(tok):
     assert torch.equal(m.visual_encoder(x), m.visual_encoder(x))
     m.train()
     assert not torch.equal(m.visual_encoder(x), m.visual_encoder(x))
+
+
+@pytest.mark.parametrize(
+    "top_k,top_p,expected",
+    [(0, 1.0, [0.5, 0.3, 0.15, 0.05]), (0, 0.9, [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0.0]), (2, 1.0, [0.625, 0.375, 0, 0]),
+     (0, 0.5, [1.0, 0, 0, 0])],
+)  # fmt: skip
+def test_sampler_draws_the_truncated_distribution(top_k, top_p, expected):
+    from blip.generate import _sample
+
+    n = 40000
+    scores = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(n, 1)  # (n, V)
+    g = torch.Generator().manual_seed(0)
+    draws = _sample(scores, top_k, top_p, g, per_row=n, active=torch.ones(n, dtype=torch.bool))
+    freq = torch.bincount(draws, minlength=4).float() / n
+    torch.testing.assert_close(freq, torch.tensor(expected), atol=0.01, rtol=0)
