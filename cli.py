@@ -127,5 +127,104 @@ def ingest(
     click.echo(result.summary())
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option(
+    "--model",
+    "model_path",
+    required=True,
+    help="Captioner: our folder, an original .pth, a transformers folder or a hub id.",
+)
+@click.option("--beam", type=click.IntRange(min=1), default=None, help="Beam search with N beams. [default: 3]")
+@click.option(
+    "--top-p",
+    type=click.FloatRange(0.0, 1.0, min_open=True),
+    default=None,
+    help="Nucleus sampling instead of beam search (0.9 in the paper).",
+)
+@click.option(
+    "--num-captions",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Captions per image (with --top-p).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (per image: seed + index).")
+@click.option(
+    "--max-length",
+    type=click.IntRange(min=2),
+    default=20,
+    show_default=True,
+    help="Tokens incl. the 4-token prompt, as the original.",
+)
+@click.option(
+    "--min-length",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Tokens incl. the prompt, as the original.",
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@friendly_errors
+def caption(
+    images: tuple[str, ...], model_path: str, beam: int | None, top_p: float | None, num_captions: int, seed: int,
+    max_length: int, min_length: int, device: str, dtype: str,
+) -> None:  # fmt: skip
+    """Caption IMAGES with a BLIP captioner; prints `IMAGE<TAB>caption`, one line per caption."""
+    from capfilt.predict import caption_files
+
+    for path, caps in caption_files(
+        list(images), model_path, beam, top_p, num_captions, seed, max_length, min_length, device, dtype
+    ):
+        for c in caps:
+            click.echo(f"{path}\t{c}")
+
+
+@main.command()
+@click.argument("image")
+@click.argument("texts", nargs=-1, required=True)
+@click.option(
+    "--model", "model_path", required=True, help="Filter (retrieval or pretrain model): folder, .pth or hub id."
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@friendly_errors
+def score(image: str, texts: tuple[str, ...], model_path: str, device: str, dtype: str) -> None:
+    """Score each TEXT against IMAGE: ITM match probability and ITC cosine similarity, tab-separated."""
+    from capfilt.predict import score_file
+
+    click.echo("itm\titc\ttext")
+    for text, itm, itc in score_file(image, list(texts), model_path, device, dtype):
+        click.echo(f"{itm:.4f}\t{itc:.4f}\t{text}")
+
+
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option(
+    "--tokenizer", "tokenizer_path", default=None, help="Tokenizer folder or BERT vocab.txt (for a bare .pth)."
+)
+@click.option(
+    "--family",
+    type=click.Choice(["caption", "retrieval", "pretrain", "vqa"]),
+    default=None,
+    help="Build this family (e.g. a captioner from a pretraining checkpoint). [default: the checkpoint's]",
+)
+@click.option(
+    "--image-size", type=click.IntRange(min=16), default=None, help="Resize position embeddings to this image size."
+)
+@friendly_errors
+def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, image_size: int | None) -> None:
+    """Convert SRC (original .pth, transformers folder or hub id) into our folder DST."""
+    from blip.load import convert_checkpoint
+
+    model = convert_checkpoint(src, dst, family=family, image_size=image_size, tokenizer_path=tokenizer_path)
+    n = sum(p.numel() for p in model.parameters())
+    click.echo(
+        f"wrote {dst}: {model.config.family} model, {model.config.vision.image_size} px, {n / 1e6:.1f}M parameters"
+    )
+
+
 if __name__ == "__main__":
     main()

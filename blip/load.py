@@ -277,7 +277,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     return directory
 
 
-__all__ = ["CheckpointError", "load", "read_checkpoint", "save_pretrained"]
+__all__ = ["CheckpointError", "convert_checkpoint", "load", "read_checkpoint", "save_pretrained"]
 
 
 class _CallableModule(types.ModuleType):
@@ -289,3 +289,16 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    family: str | None = None,
+    image_size: int | None = None,
+    tokenizer_path: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Any supported checkpoint (original .pth, transformers folder, hub id) -> our folder at `dst`."""
+    model = load(src, family=family, image_size=image_size, tokenizer_path=tokenizer_path)
+    save_pretrained(model, dst)
+    return model
