@@ -151,6 +151,9 @@ def evaluate(
     """Run one evaluation; prints a table, writes JSON to `output` (a file, or a folder -> eval_<task>.json)."""
     if task not in ("retrieval", "caption"):
         raise ValueError(f"unknown eval task {task!r}; expected 'retrieval' or 'caption'")
+    from pipelines.data import list_tars
+
+    list_tars(data)  # fail fast on a --data path without tars
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     model = load_model(model_path, device)

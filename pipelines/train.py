@@ -730,3 +730,33 @@ def train(s: TrainSettings) -> dict[str, Any]:
     plot_losses(out)
     (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def run_command(task: str, config: str | None, set_items: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
+    """`capfilt pretrain` / `capfilt finetune`: preset YAML (default per task) + `--set key=value` + flags -> train."""
+    import yaml
+
+    if config is None:
+        name = "pretrain_base.yaml" if task == "pretrain" else f"finetune_{task}.yaml"
+        config = str(CONFIG_DIR / name)
+    extra: dict[str, Any] = {}
+    for item in set_items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        extra[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    s = TrainSettings.from_yaml(config, **{**extra, **overrides, "task": task})
+    if task != "pretrain" and not (s.init or s.resume):
+        raise ValueError("fine-tuning needs --init CKPT (a pretrain, caption or retrieval checkpoint)")
+    summary = train(s)
+    last = summary.get("last") or {}
+    losses = " ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("loss"))
+    print(
+        f"done: {summary.get('final_step')} steps, {losses}; "
+        f"{summary.get('mean_samples_per_s') or 0:.1f} samples/s; skipped {summary.get('skipped', {})}; "
+        f"model in {s.output}, logs in {s.output}/log.jsonl, curves in {s.output}/loss_curves.png"
+    )
+    return summary
