@@ -40,6 +40,77 @@ def main() -> None:
 # -- commands are added below, one block each ---------------------------------------------
 
 
+def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by `pretrain` and `finetune` (None = the preset's value)."""
+    opts = [
+        click.option("--data", required=True, help="Tars: folder, glob, .tar, fsspec URL, or a comma-separated list."),
+        click.option("--output", required=True, help="Output folder: final model, checkpoints/, logs, loss curves."),
+        click.option("--config", default=None, help="YAML preset. [default: configs/<task>.yaml]"),
+        click.option("--tokenizer", default=None, help="Tokenizer folder or vocab.txt (from-scratch runs)."),
+        click.option("--workers", type=click.IntRange(min=1), default=None, help="Ray Train workers (DDP ranks)."),
+        click.option("--address", default=None, help="Ray cluster address ('auto' joins a running cluster)."),
+        click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in --output."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Per-worker batch."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None),
+        click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps."),
+        click.option("--lr", "init_lr", type=float, default=None, help="Peak learning rate."),
+        click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between checkpoints."),
+        click.option("--set", "set_items", multiple=True, help="Any other setting: KEY=VALUE (YAML value)."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+@main.command()
+@_train_options
+@click.option("--init", default=None, help="Start from this checkpoint (anything blip.load reads).")
+@click.option(
+    "--model-config",
+    "model",
+    type=click.Choice(["tiny", "base", "large"]),
+    default=None,
+    help="Model preset for a from-scratch run.",
+)
+@friendly_errors
+def pretrain(set_items: tuple[str, ...], **kw: Any) -> None:
+    """BLIP pretraining (ITC + ITM + LM) on webdataset tars with Ray Train."""
+    from pipelines.train import run_command
+
+    run_command("pretrain", kw.pop("config"), set_items, **kw)
+
+
+@main.command()
+@click.option("--task", type=click.Choice(["caption", "retrieval"]), required=True)
+@_train_options
+@click.option("--init", default=None, help="Checkpoint to fine-tune (pretrain, caption or retrieval).")
+@friendly_errors
+def finetune(task: str, set_items: tuple[str, ...], **kw: Any) -> None:
+    """Fine-tune the captioner (caption) or the filter (retrieval); the output loads as --captioner / --filter."""
+    from pipelines.train import run_command
+
+    run_command(task, kw.pop("config"), set_items, **kw)
+
+
+@main.command(name="eval")
+@click.option("--task", type=click.Choice(["retrieval", "caption"]), required=True)
+@click.option("--model", "model_path", required=True, help="Checkpoint (anything blip.load reads).")
+@click.option("--data", required=True, help="Tars with images and reference texts.")
+@click.option("--output", default=None, help="JSON file, or a folder for eval_<task>.json.")
+@click.option("--k-test", type=click.IntRange(min=1), default=256, show_default=True, help="ITM re-rank depth.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--max-samples", type=click.IntRange(min=1), default=None)
+@click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=20, show_default=True, help="Counts the prompt.")
+@click.option("--min-length", type=click.IntRange(min=0), default=5, show_default=True)
+@friendly_errors
+def eval_(**kw: Any) -> None:
+    """Retrieval R@1/5/10 both ways, or captioning BLEU-4 / CIDEr; prints a table and writes JSON."""
+    from pipelines.evaluate import evaluate
+
+    evaluate(**kw)
+
+
 @main.command()
 @click.argument("out")
 @click.option("--samples", type=click.IntRange(min=0), default=1000, show_default=True, help="Number of samples.")
@@ -125,6 +196,20 @@ def ingest(
     except RuntimeError as e:  # img2dataset itself failed: its output tail is the message
         raise CapfiltError(str(e)) from e
     click.echo(result.summary())
+
+
+@main.command()
+@click.argument("output_dir")
+@click.option("--out", default=None, help="HTML file to write.  [default: OUTPUT_DIR/report.html]")
+@click.option("--max-samples", type=click.IntRange(min=0), default=200, show_default=True, help="Sample cards shown.")
+@click.option("--input", "input_", default=None, help="Input shards, for dropped samples' images. [default: the run's]")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="ITM threshold. [default: the run's]")
+@friendly_errors
+def report(output_dir: str, out: str | None, max_samples: int, input_: str | None, threshold: float | None) -> None:
+    """Write a self-contained HTML report of a `capfilt run` OUTPUT_DIR and print its path."""
+    from pipelines.report import write_report
+
+    click.echo(write_report(output_dir, out, max_samples, input_, threshold=threshold))
 
 
 @main.command()
@@ -224,6 +309,79 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
     click.echo(
         f"wrote {dst}: {model.config.family} model, {model.config.vision.image_size} px, {n / 1e6:.1f}M parameters"
     )
+
+
+@main.command()
+@click.option(
+    "--input",
+    "input_",
+    required=True,
+    help="img2dataset shards: folder, glob or file (.tar/.parquet); local, s3:// or any fsspec URL.",
+)
+@click.option("--output", required=True, help="Output folder (local or fsspec URL); rerun the same command to resume.")
+@click.option(
+    "--captioner", default=None, help="Captioner checkpoint (folder, .pth or hub id). Default: from the config."
+)
+@click.option(
+    "--filter",
+    "filter_",
+    default=None,
+    help="Filter (ITM) checkpoint (folder, .pth or hub id). Default: from the config.",
+)
+@click.option("--config", "config_path", default=None, help="YAML settings (default configs/capfilt.yaml); flags win.")
+@click.option(
+    "--address", default=None, help="Join this Ray cluster ('auto' or host:port); default: Ray in this process."
+)
+@click.option("--num-captions", type=int, default=None, help="Synthetic captions per image.")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling p.")
+@click.option("--threshold", type=float, default=None, help="Keep a text when its ITM match probability >= this.")
+@click.option("--batch-size", type=int, default=None, help="Images per CapFilt actor call.")
+@click.option("--actors", type=int, default=None, help="CapFilt actors (default: one per GPU, or one CPU actor).")
+@click.option("--device", default=None, help="auto | cpu | cuda.")
+@click.option("--dtype", default=None, help="auto | float32 | bfloat16 | float16.")
+@click.option("--seed", type=int, default=None, help="Caption seed (combined with each sample key).")
+@click.option(
+    "--storage-options",
+    default=None,
+    help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
+)
+@click.option("--no-progress", is_flag=True, help="No progress bars or per-shard lines; only the final summary.")
+@friendly_errors
+def run(
+    input_: str,
+    output: str,
+    filter_: str | None,
+    config_path: str | None,
+    storage_options: str | None,
+    no_progress: bool,
+    **kw: Any,
+) -> None:
+    """CapFilt over img2dataset shards: synthetic captions + ITM/ITC filter -> per-sample parquet + kept-sample tars.
+
+    Exit status 0 when every shard is done, 2 when any shard failed (reported in summary.json), 1 on a bad setup.
+    """
+    import json
+
+    from pipelines.run import load_config, run_capfilt
+
+    so = None
+    if storage_options:
+        try:
+            so = json.loads(storage_options)
+        except ValueError as e:
+            raise CapfiltError(f"--storage-options is not valid JSON: {e}") from None
+    cfg = load_config(
+        config_path,
+        input=input_,
+        output=output,
+        filter=filter_,
+        storage_options=so,
+        progress=False if no_progress else None,
+        **kw,
+    )
+    summary = run_capfilt(cfg)
+    if summary["failed_shards"]:
+        sys.exit(2)
 
 
 if __name__ == "__main__":

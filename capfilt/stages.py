@@ -62,7 +62,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 def _web_text(t: Any) -> str | None:
     """Missing web text (no .txt, null, blank) is recorded as missing: null scores, never kept."""
-    if t is None or (isinstance(t, float) and np.isnan(t)):
+    if t is None or (isinstance(t, float | np.floating) and np.isnan(t)):  # NaN: missing, from pandas/Ray batches
         return None
     t = str(t)
     return t if t.strip() else None

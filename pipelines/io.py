@@ -3,7 +3,7 @@
 Nothing here starts Ray: every function works on one shard, so it is tested on its own and runs under any executor.
 
 Reading yields pyarrow tables with a fixed schema (`READ_SCHEMA`) so blocks from different shards always concatenate,
-followed by one end-of-shard marker row (`kind="eos"`, `idx` = number of samples, `error` = why reading stopped early,
+followed by one end-of-shard marker row (`kind="eos"`, `idx` = number of samples, `note` = why reading stopped early,
 if it did). The marker travels through the pipeline to the writer, which commits a shard once it has seen the marker
 and every sample index below it.
 """
@@ -42,7 +42,7 @@ READ_SCHEMA = pa.schema(
         ("image", pa.binary()),  # original encoded bytes; null when missing
         ("image_ext", pa.string()),
         ("json", pa.string()),  # img2dataset metadata (and the synthetic ground truth), as JSON text
-        ("error", pa.string()),  # read problem: for samples a caption note, for "eos" why the shard ended early
+        ("note", pa.string()),  # read problem: for samples a caption/metadata note, for "eos" why the shard ended early
     ]
 )
 
@@ -135,12 +135,12 @@ def _sample_row(shard: str, idx: int, key: str, files: dict[str, bytes]) -> dict
         "image": files.get(image_ext) if image_ext else None,
         "image_ext": image_ext,
         "json": meta_text,
-        "error": note,
+        "note": note,
     }
 
 
 def _eos_row(shard: str, n: int, error: str | None) -> dict[str, Any]:
-    return {"kind": "eos", "shard": shard, "idx": n, "error": error}
+    return {"kind": "eos", "shard": shard, "idx": n, "note": error}
 
 
 def _iter_tar_samples(f: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -337,7 +337,7 @@ class ShardWriter:
 
     def add(self, row: dict[str, Any]) -> None:
         if row["kind"] == "eos":
-            self.expected, self.read_error = int(row["idx"]), row.get("error")
+            self.expected, self.read_error = int(row["idx"]), row.get("note")
             return
         if row["idx"] in self.seen:  # a retried block: the same rows again (deterministic), keep the first
             self.duplicates += 1
