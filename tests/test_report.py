@@ -1,0 +1,275 @@
+"""`capfilt report`: the HTML page of a capfilt output folder, rendered by headless Chromium.
+
+The output folder comes from a real CapFilt pass (tiny random models) over a synthetic corpus plus a shard of hostile
+images, so the page shows decode errors, kept and dropped samples. Chromium loads the page with a script that records
+every <img>'s naturalWidth into the DOM; the dumped DOM then proves that every picture decodes and that the numbers on
+the page are summary.json's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from blip.config import BlipConfig
+from blip.model import MODEL_CLASSES, init_weights
+from blip.tokenizer import build_tokenizer
+from capfilt.synth import make_bad_corpus, write_corpus
+from pipelines.report import COUNT_NAMES, write_report
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _tiny(family: str, vocab_dir: Path, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = BlipConfig.from_name("tiny", family=family, vision={"image_size": 64})
+    model = MODEL_CLASSES[family](cfg)
+    init_weights(model, std=0.2)  # a useful scale: the image must matter to the scores
+    model.tokenizer = build_tokenizer(vocab_dir)
+    return model.eval()
+
+
+def _run_capfilt(input_dir: Path, out_dir: Path, vocab_dir: Path) -> None:
+    """A CapFilt pass shard by shard (read -> decode -> caption + filter -> per-shard writer) and summary.json."""
+    from capfilt.decode import DecodeStage
+    from capfilt.stages import CapFiltStage
+    from pipelines.io import ShardWriter, list_shards, read_shard
+
+    stage = CapFiltStage.from_models(
+        _tiny("caption", vocab_dir, 1), _tiny("retrieval", vocab_dir, 2), num_captions=2, max_length=8, device="cpu"
+    )
+    stage.setup()
+    decode = DecodeStage(image_size=stage.image_size)
+    decode.setup()
+    shards = list_shards(str(input_dir))
+    rows_by_shard = {}
+    for shard in shards:
+        rows = [r for t in read_shard(shard) for r in t.to_pylist()]
+        samples = [r for r in rows if r["kind"] == "sample"]
+        batch = {k: np.array([r[k] for r in samples], dtype=object) for k in samples[0]}
+        batch["jpg"] = batch["image"]
+        res = stage(decode(batch))
+        rows_by_shard[shard.name] = (rows, samples, res)
+    # threshold at the median web ITM, so both decisions occur whatever the random weights give
+    web = [s for _, _, res in rows_by_shard.values() for s in res["web_itm"] if s is not None]
+    threshold = float(np.median(web))
+    summary = {"threshold": threshold, "input": str(input_dir), "shards": {}}
+    for sub in ("tars", "parquet", "_state"):
+        (out_dir / sub).mkdir(parents=True, exist_ok=True)
+    for name, (rows, samples, res) in rows_by_shard.items():
+        writer = ShardWriter(*_local(out_dir), name)
+        for i, r in enumerate(samples):
+            out = {**r, **{k: res[k][i] for k in res if k not in ("pixels",)}}
+            itms = ([out["web_itm"]] if out["web_itm"] is not None else []) + list(out["synthetic_itm"])
+            texts = ([out["caption"]] if out["web_itm"] is not None else []) + list(out["synthetic_captions"])
+            out["kept_texts"] = [t for t, p in zip(texts, itms) if p >= threshold]
+            out["kept"] = bool(out["kept_texts"]) and out["status"] == "ok"
+            out["reason"] = None if out["kept"] else (out["reason"] or "below_threshold")
+            writer.add(out)
+        writer.add(rows[-1])  # the end-of-shard marker
+        summary["shards"][name] = writer.commit()
+    counts = {k: sum(s[k] for s in summary["shards"].values()) for k in COUNT_NAMES[:-1]}
+    counts["failed_shards"] = sum(s["state"] == "failed" for s in summary["shards"].values())
+    summary["counts"] = counts
+    (out_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def _local(out_dir: Path):
+    import fsspec
+
+    return fsspec.filesystem("file"), str(out_dir)
+
+
+@pytest.fixture(scope="module")
+def run_output(tiny_vocab_dir, tmp_path_factory) -> dict:
+    """An input folder (2 synthetic shards + 1 hostile shard) and the CapFilt output folder made from it."""
+    root = tmp_path_factory.mktemp("report")
+    inp, bad = root / "input", root / "bad"
+    write_corpus(str(inp), samples=24, noise=0.5, seed=3, image_size=64, samples_per_shard=12)
+    expected_bad = make_bad_corpus(str(bad), seed=3, image_size=64)
+    shutil.copy(bad / "00000.tar", inp / "00002.tar")  # hostile shard next to the good ones
+    out = root / "out"
+    _run_capfilt(inp, out, tiny_vocab_dir)
+    return {"input": inp, "out": out, "bad": expected_bad, "summary": json.loads((out / "summary.json").read_text())}
+
+
+class _Dom(HTMLParser):
+    """Collects what the test checks from Chromium's dumped DOM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict[str, str]] = []
+        self.counts: dict[str, str] = {}
+        self.shard_cells: dict[str, dict[str, str]] = {}
+        self.cards: list[dict[str, str]] = []
+        self.placeholders = 0
+        self.loaded = False
+        self._cell: tuple[str, str] | None = None  # (what, name) of the element whose text comes next
+        self._shard: str | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "body" and a.get("data-loaded") == "1":
+            self.loaded = True
+        if tag == "img":
+            self.imgs.append(a)
+        if "data-count" in a:
+            self._cell = ("count", a["data-count"])
+        if tag == "tr" and "data-shard" in a:
+            self._shard = a["data-shard"]
+            self.shard_cells[self._shard] = {}
+        if tag == "td" and "data-col" in a and self._shard:
+            self._cell = ("shard", a["data-col"])
+        if "data-verdict" in a:
+            self.cards.append(a)
+        if "ph" in a.get("class", "").split():
+            self.placeholders += 1
+
+    def handle_data(self, data: str) -> None:
+        if self._cell:
+            what, name = self._cell
+            if what == "count":
+                self.counts[name] = data.strip()
+            else:
+                self.shard_cells[self._shard][name] = data.strip()
+            self._cell = None
+
+
+_PROBE = (
+    "<script>window.addEventListener('load',()=>{for(const i of document.images)"
+    "i.setAttribute('data-natural-width',i.naturalWidth);document.body.setAttribute('data-loaded','1')});</script>"
+)
+
+
+def _render(report: Path, tmp_path: Path) -> _Dom:
+    assert Path(CHROMIUM).exists(), "headless Chromium is needed: apt-get install -y chromium"
+    probe = tmp_path / "probe.html"
+    probe.write_text(report.read_text().replace("</body>", _PROBE + "</body>"))
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        probe.as_uri(),
+    ]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+    parsed = _Dom()
+    parsed.feed(dom)
+    assert parsed.loaded, "the page's load event never fired"
+    return parsed
+
+
+def test_report_renders_in_chromium_with_summary_numbers(run_output, tmp_path):
+    out, summary = run_output["out"], run_output["summary"]
+    rows = pq.read_table(out / "parquet").to_pylist()
+    html_path = Path(write_report(str(out), str(tmp_path / "report.html"), max_samples=200))
+    page = html_path.read_text()
+    # self-contained: no URL the browser would fetch (sample URLs appear only as text)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+    assert "url(http" not in page
+
+    dom = _render(html_path, tmp_path)
+    # counts shown == summary.json's
+    assert {k: int(v) for k, v in dom.counts.items()} == {
+        k: summary["counts"][k] for k in COUNT_NAMES if k != "other_errors" or summary["counts"][k]
+    }
+    assert summary["counts"]["decode_errors"] > 0 and 0 < summary["counts"]["kept"] < summary["counts"]["in"]
+    # per-shard table == summary.json's per-shard stats
+    assert set(dom.shard_cells) == set(summary["shards"])
+    for name, cells in dom.shard_cells.items():
+        for col in ("in", "kept", "dropped", "decode_errors"):
+            assert int(cells[col]) == summary["shards"][name][col], (name, col)
+    # every picture decodes in the browser: 3 histograms, the shard bars, one thumbnail per decodable sample
+    assert len(dom.imgs) >= 4 and all(int(i["data-natural-width"]) > 0 for i in dom.imgs)
+    thumbs = [i for i in dom.imgs if i["src"].startswith("data:image/jpeg")]
+    assert all(0 < int(i["data-natural-width"]) <= 128 for i in thumbs)
+    # one card per sample (fewer than the cap): a thumbnail for each decodable one, a placeholder for each error
+    assert len(dom.cards) == len(rows)
+    n_err = sum(r["status"] == "decode_error" for r in rows)
+    assert dom.placeholders == n_err == summary["counts"]["decode_errors"]
+    assert len(thumbs) == len(rows) - n_err
+    verdicts = {(c["data-shard"], c["data-key"]): c["data-verdict"] for c in dom.cards}
+    assert len(verdicts) == len(rows)
+    for r in rows:
+        assert verdicts[r["shard"], r["key"]] == (
+            "failed" if r["status"] != "ok" else "kept" if r["kept"] else "dropped"
+        )
+    # the decode errors are the hostile shard's expected ones
+    bad_keys = {k for k, v in run_output["bad"].items() if v["status"] == "decode_error"}
+    assert {(c["data-shard"], c["data-key"]) for c in dom.cards if c["data-verdict"] == "failed"} == {
+        ("00002", k) for k in bad_keys
+    }
+
+
+def test_cards_capped_borderline_first(run_output, tmp_path):
+    out, summary = run_output["out"], run_output["summary"]
+    thr = summary["threshold"]
+    page = Path(write_report(str(out), str(tmp_path / "r.html"), max_samples=10)).read_text()
+    keys = re.findall(r'<div class="card [a-z]+" data-key="([^"]+)" data-shard="([^"]+)"', page)
+    assert len(keys) == 10
+    rows = {(r["key"], r["shard"]): r for r in pq.read_table(out / "parquet").to_pylist()}
+
+    def margin(r: dict) -> float:
+        s = ([r["web_itm"]] if r["web_itm"] is not None else []) + list(r["synthetic_itm"])
+        return min(abs(x - thr) for x in s) if s else float("inf")
+
+    scored = [k for k in keys if rows[k]["status"] == "ok"]
+    failed = [k for k in keys if rows[k]["status"] != "ok"]
+    assert failed and keys[-len(failed) :] == failed  # errors stay visible, after the borderline cards
+    margins = [margin(rows[k]) for k in scored]
+    assert margins == sorted(margins)
+    # the scored cards are the most borderline ok samples
+    all_ok = sorted(margin(r) for r in rows.values() if r["status"] == "ok")
+    assert margins == all_ok[: len(scored)]
+
+
+def test_dropped_images_need_the_input(run_output, tmp_path):
+    """Kept samples' pictures come from the output tars; without the input, dropped ones become placeholders."""
+    out = run_output["out"]
+    tmp_out = tmp_path / "out"
+    shutil.copytree(out, tmp_out)
+    summary = json.loads((tmp_out / "summary.json").read_text())
+    summary["input"] = str(tmp_path / "gone")
+    (tmp_out / "summary.json").write_text(json.dumps(summary))
+    page = Path(write_report(str(tmp_out), max_samples=500)).read_text()
+    assert (tmp_out / "report.html").exists()
+    rows = pq.read_table(out / "parquet").to_pylist()
+    n_kept = sum(r["kept"] for r in rows)
+    assert page.count('<img src="data:image/jpeg') == n_kept
+    assert "cannot list input" in page
+    # --input points the report at the shards again
+    page = Path(write_report(str(tmp_out), input=str(run_output["input"]), max_samples=500)).read_text()
+    assert page.count('<img src="data:image/jpeg') == sum(r["status"] == "ok" for r in rows)
+
+
+def test_cli(run_output, tmp_path):
+    from cli import main
+
+    target = tmp_path / "sub" / "page.html"
+    r = CliRunner().invoke(main, ["report", str(run_output["out"]), "--out", str(target), "--max-samples", "5"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == str(target) and target.exists()
+    assert len(re.findall(r'<div class="card ', target.read_text())) == 5
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
+    assert r.exit_code == 1 and "does not exist" in r.output
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
+    assert r.exit_code == 1 and "no per-sample parquet" in r.output
