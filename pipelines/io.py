@@ -240,6 +240,8 @@ class AtomicFile:
         self.fs, self.path = fs, path
         self.local = _is_local(fs)
         self.write_path = tmp_path(path) if self.local else path
+        if self.local:
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.f = fs.open(self.write_path, "wb")
 
     def commit(self) -> None:
