@@ -100,7 +100,8 @@ def _resolve(path_or_id: str | os.PathLike[str]) -> Path:
     except Exception as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
-            f"could not get {s!r} from the Hugging Face hub ({reason}); download it where there is network "
+            f"{s!r} is no local file or folder, and could not get it from the Hugging Face hub ({reason}); "
+            f"download it where there is network "
             f"(`hf download {s} --local-dir DIR`) and pass the local folder or .pth path instead"
         ) from None
 
@@ -239,7 +240,7 @@ def load(
     from blip.model import MODEL_CLASSES
 
     path = _resolve(path_or_id)
-    cfg, sd, _fmt = read_checkpoint(path, family)
+    cfg, sd, _ = read_checkpoint(path, family)
     if image_size is not None and image_size != cfg.vision.image_size:
         cfg = BlipConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "image_size": image_size}})
     num_patches = cfg.vision.num_patches
@@ -247,8 +248,7 @@ def load(
         if key in sd and sd[key].shape[1] != num_patches + 1:
             sd[key] = interpolate_pos_embed(sd[key], num_patches)
     model = MODEL_CLASSES[cfg.family](cfg)
-    family_overridden = family is not None and _fmt != "transformers"
-    load_state_dict_checked(model, sd, str(path), family_overridden)
+    load_state_dict_checked(model, sd, str(path), family_overridden=family is not None)
     tok = build_tokenizer(_find_tokenizer(path, tokenizer_path))
     if len(tok) > cfg.text.vocab_size:
         raise CheckpointError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {cfg.text.vocab_size}")
