@@ -65,7 +65,19 @@ _SCORES = {  # histogram name -> (column, range)
     "web_itc": ("web_itc", (-1.0, 1.0)),
     "synthetic_itc": ("synthetic_itc", (-1.0, 1.0)),
 }
-COUNT_NAMES = ("in", "kept", "dropped", "decode_errors", "other_errors", "failed_shards")
+# per-shard counts, as pipelines/io.shard_stats names them; the job adds failed_shards
+SHARD_COUNTS = ("in", "kept", "dropped", "decode_errors", "other_errors", "web_kept", "synthetic_kept")
+COUNT_NAMES = ("in", "kept", "dropped", "decode_errors", "other_errors", "failed_shards", "web_kept", "synthetic_kept")
+COUNT_LABELS = {
+    "in": "in",
+    "kept": "kept",
+    "dropped": "dropped",
+    "decode_errors": "decode errors",
+    "other_errors": "other errors",
+    "failed_shards": "failed shards",
+    "web_kept": "kept with web text",
+    "synthetic_kept": "kept with a synthetic caption",
+}
 
 
 # ------------------------------------------------------------------------------------------------ reading the output
@@ -148,11 +160,14 @@ def scan_output(
             hists[name] += np.histogram(np.clip(vals, lo, hi), bins=HIST_BINS, range=(lo, hi))[0]
         for row in table.to_pylist():
             shard = row.get("shard") or posixpath.splitext(posixpath.basename(path))[0]
-            s = shards.setdefault(shard, ShardRow(shard, counts=dict.fromkeys(COUNT_NAMES[:-1], 0)))
+            s = shards.setdefault(shard, ShardRow(shard, counts=dict.fromkeys(SHARD_COUNTS, 0)))
             status = row.get("status") or "ok"
             s.counts["in"] += 1
             if row.get("kept"):
                 s.counts["kept"] += 1
+                web, kept_texts = row.get("caption"), list(row.get("kept_texts") or [])
+                s.counts["web_kept"] += web is not None and web in kept_texts
+                s.counts["synthetic_kept"] += any(t != web for t in kept_texts)
             elif status == "ok":
                 s.counts["dropped"] += 1
             elif status == "decode_error":
@@ -172,9 +187,9 @@ def scan_output(
             elif item > scored[0]:
                 heapq.heapreplace(scored, item)
     for name, st in states.items():  # shards with a state file: their verdict, and shards that produced no rows
-        s = shards.setdefault(name, ShardRow(name, counts=dict.fromkeys(COUNT_NAMES[:-1], 0)))
+        s = shards.setdefault(name, ShardRow(name, counts=dict.fromkeys(SHARD_COUNTS, 0)))
         s.state, s.error = st.get("state", "done"), st.get("error")
-    counts = {k: sum(s.counts[k] for s in shards.values()) for k in COUNT_NAMES[:-1]}
+    counts = {k: sum(s.counts[k] for s in shards.values()) for k in SHARD_COUNTS}
     counts["failed_shards"] = sum(1 for s in shards.values() if s.state == "failed")
     return Scan(counts, shards, hists, _pick_cards(scored, failed, max_samples))
 
@@ -497,7 +512,7 @@ def _shard_table(shards: list[ShardRow]) -> str:
         )
         state = _e(s.state) + (f'<br><span class="s">{_e(s.error)}</span>' if s.error else "")
         rows.append(
-            f'<tr data-shard="{_e(s.shard)}"><td class="l">{_e(s.shard)}</td><td class="l">{state}</td>{cells}'
+            f'<tr data-shard="{_e(s.shard)}"><td class="l">{_e(s.shard)}</td><td class="l" data-col="state">{state}</td>{cells}'
             f'<td data-col="kept_ratio">{s.kept_ratio:.3f}</td><td><div class="bar">{bar}</div></td></tr>'
         )
     more = f'<p class="meta">{len(shards) - len(shown)} more shards not listed.</p>' if len(shards) > len(shown) else ""
@@ -518,18 +533,10 @@ def render_html(
     warnings_: list[str],
     max_samples: int,
 ) -> str:
-    labels = {
-        "in": "in",
-        "kept": "kept",
-        "dropped": "dropped",
-        "decode_errors": "decode errors",
-        "other_errors": "other errors",
-        "failed_shards": "failed shards",
-    }
-    shown_counts = [k for k in COUNT_NAMES if k != "other_errors" or counts.get(k)]
+    shown_counts = [k for k in COUNT_NAMES if k in counts and (k != "other_errors" or counts[k])]
     count_table = (
         '<table class="counts"><tr>'
-        + "".join(f"<th>{labels[k]}</th>" for k in shown_counts)
+        + "".join(f"<th>{COUNT_LABELS[k]}</th>" for k in shown_counts)
         + "</tr><tr>"
         + "".join(f'<td data-count="{k}">{counts.get(k, 0)}</td>' for k in shown_counts)
         + "</tr></table>"
@@ -538,6 +545,15 @@ def render_html(
         count_table += (
             f'<p class="meta">kept {100 * counts.get("kept", 0) / counts["in"]:.1f}% of the input samples.</p>'
         )
+    failed = [f for f in (_dig(summary, "failed_shards") or []) if isinstance(f, dict)]
+    if failed:
+        count_table += "<p><b>failed shards</b> (rerun the same `capfilt run` to retry them):</p><ul>" + "".join(
+            f'<li><span class="key">{_e(f.get("path") or f.get("shard"))}</span>: {_e(f.get("error"))}</li>'
+            for f in failed[:50]
+        )
+        count_table += (
+            f"<li>... and {len(failed) - 50} more (summary.json)</li>" if len(failed) > 50 else ""
+        ) + "</ul>"
     charts = "".join(
         f'<img src="{uri}" alt="{_e(t)}" title="{_e(t)} ({n} scores)">'
         for t, uri, n in histogram_charts(scan.hists, threshold)
@@ -545,7 +561,10 @@ def render_html(
     shard_list = sorted(scan.shards.values(), key=lambda s: s.shard)
     bar = shard_chart(shard_list)
     bar_img = f'<img src="{bar}" alt="kept and dropped per shard">' if bar else ""
-    settings = _dig(summary, "config", "settings", "args") or {}
+    settings = {
+        **({"captioner": summary.get("captioner"), "filter": summary.get("filter")} if summary else {}),
+        **(_dig(summary, "settings") or {}),
+    }
     settings_html = ""
     if isinstance(settings, dict) and settings:
         settings_html = (
@@ -571,6 +590,7 @@ def render_html(
 {settings_html}
 <h2>Scores</h2>
 <div class="charts">{charts}</div>
+{_quantile_table(summary)}
 <h2>Shards</h2>
 <div class="charts">{bar_img}</div>
 {_shard_table(shard_list)}
@@ -582,22 +602,51 @@ threshold first, then samples that failed. Green scores pass the threshold.</p>
 """
 
 
+def _quantile_table(summary: dict[str, Any] | None) -> str:
+    """summary.json's score quantiles (from its merged histograms), one row per score."""
+    qs = _dig(summary, "quantiles")
+    if not isinstance(qs, dict) or not any(isinstance(v, dict) for v in qs.values()):
+        return ""
+    cols = sorted({k for v in qs.values() if isinstance(v, dict) for k in v}, key=lambda k: float(k.lstrip("p")))
+    head = '<tr><th class="l">score</th>' + "".join(f"<th>{_e(c)}</th>" for c in cols) + "</tr>"
+    rows = "".join(
+        f'<tr><td class="l">{_e(name)}</td>'
+        + "".join(f"<td>{v[c]:.3f}</td>" if isinstance(v, dict) and c in v else "<td>-</td>" for c in cols)
+        + "</tr>"
+        for name, v in qs.items()
+    )
+    return f'<p class="meta">quantiles (summary.json)</p><table class="quantiles">{head}{rows}</table>'
+
+
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def _summary_counts(summary: dict[str, Any] | None) -> dict[str, int] | None:
-    """The job counts as summary.json states them (flat or under "counts")."""
-    if not summary:
-        return None
-    src = summary.get("counts") if isinstance(summary.get("counts"), dict) else summary
-    out = {}
-    for k in COUNT_NAMES:
-        v = src.get(k)
-        if isinstance(v, list):  # e.g. a list of failed shard names
-            v = len(v)
-        if isinstance(v, int | float):
-            out[k] = int(v)
-    return out or None
+def merge_summary(scan: Scan, summary: dict[str, Any] | None) -> tuple[dict[str, int], list[str]]:
+    """The numbers to show: summary.json's (the job's own account), checked against the parquet rows.
+
+    Shards in summary.json that left no rows (never processed) join the shard table as failed. Returns the counts
+    and a warning for every number on which summary.json and the rows disagree (e.g. a run still going on).
+    """
+    counts = dict(scan.counts)
+    if summary is None:
+        return counts, ["summary.json is missing (the run did not finish?): counts are computed from the parquet rows."]
+    warns = []
+    stated = {k: int(v) for k, v in (summary.get("counts") or {}).items() if k in COUNT_NAMES and isinstance(v, int)}
+    if isinstance(summary.get("failed_shards"), list):
+        stated["failed_shards"] = len(summary["failed_shards"])
+    diff = [f"{k} {v} vs {counts.get(k)}" for k, v in stated.items() if counts.get(k) != v]
+    for st in summary.get("per_shard") or []:
+        name = st.get("shard")
+        s = scan.shards.setdefault(name, ShardRow(name, counts=dict.fromkeys(SHARD_COUNTS, 0)))
+        s.state, s.error = st.get("state") or s.state, st.get("error")
+        for k in SHARD_COUNTS:
+            if isinstance(st.get(k), int) and st[k] != s.counts[k]:
+                diff.append(f"shard {name} {k} {st[k]} vs {s.counts[k]}")
+                s.counts[k] = st[k]
+    if diff:
+        warns.append("summary.json disagrees with the parquet rows (summary vs rows): " + ", ".join(diff[:20]))
+    counts.update(stated)
+    return counts, warns
 
 
 def write_report(
@@ -616,34 +665,15 @@ def write_report(
         raise FileNotFoundError(f"output folder {output_dir!r} does not exist")
     summary = _read_json(fs, posixpath.join(root, "summary.json"))
     if threshold is None:
-        threshold = _dig(summary, "threshold", "config.threshold", "settings.threshold")
+        threshold = _dig(summary, "settings.threshold", "threshold")
     threshold = float(DEFAULT_THRESHOLD if threshold is None else threshold)
     if input is None:
-        input = _dig(summary, "input", "config.input", "settings.input")
+        input = _dig(summary, "input")
     from pipelines.io import read_states
 
-    states = read_states(fs, root)
-    summary_shards = _dig(summary, "shards")
-    if isinstance(summary_shards, dict):  # summary.json may know shards whose state files are gone
-        for shard, st in summary_shards.items():
-            if isinstance(st, dict):
-                states.setdefault(shard, st)
-    scan = scan_output(fs, root, threshold, max_samples, states)
+    scan = scan_output(fs, root, threshold, max_samples, read_states(fs, root))
+    counts, warns = merge_summary(scan, summary)
     attach_thumbnails(scan.cards, fs, root, input, storage_options)
-
-    warns: list[str] = []
-    counts = dict(scan.counts)
-    stated = _summary_counts(summary)
-    if summary is None:
-        warns.append("summary.json is missing (the run did not finish?): counts are computed from the parquet rows.")
-    elif stated:
-        diff = {k: (v, scan.counts.get(k)) for k, v in stated.items() if scan.counts.get(k) != v}
-        if diff:
-            warns.append(
-                "summary.json disagrees with the parquet rows (summary vs rows): "
-                + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
-            )
-        counts.update(stated)  # show the job's own numbers
     page = render_html(
         title=output_dir,
         counts=counts,

@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from blip.config import BlipConfig
 from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
-from capfilt.synth import make_bad_corpus, write_corpus
+from capfilt.synth import make_bad_corpus, write_corpus, write_truncated_shard
 from pipelines.report import COUNT_NAMES, write_report
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -39,68 +39,50 @@ def _tiny(family: str, vocab_dir: Path, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def _run_capfilt(input_dir: Path, out_dir: Path, vocab_dir: Path) -> None:
-    """A CapFilt pass shard by shard (read -> decode -> caption + filter -> per-shard writer) and summary.json."""
+def _median_web_itm(input_dir: Path, cap: torch.nn.Module, filt: torch.nn.Module) -> float:
+    """The filter's median web-text ITM over the corpus: a threshold that keeps some samples and drops others,
+    whatever the random weights give."""
     from capfilt.decode import DecodeStage
     from capfilt.stages import CapFiltStage
-    from pipelines.io import ShardWriter, list_shards, read_shard
+    from pipelines.io import list_shards, read_shard
 
-    stage = CapFiltStage.from_models(
-        _tiny("caption", vocab_dir, 1), _tiny("retrieval", vocab_dir, 2), num_captions=2, max_length=8, device="cpu"
-    )
+    rows = [r for s in list_shards(str(input_dir)) for t in read_shard(s) for r in t.to_pylist()]
+    rows = [r for r in rows if r["kind"] == "sample"]
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "caption")}
+    batch["jpg"] = np.array([r["image"] for r in rows], dtype=object)
+    stage = CapFiltStage.from_models(cap, filt, num_captions=0, device="cpu", dtype="float32")
     stage.setup()
     decode = DecodeStage(image_size=stage.image_size)
     decode.setup()
-    shards = list_shards(str(input_dir))
-    rows_by_shard = {}
-    for shard in shards:
-        rows = [r for t in read_shard(shard) for r in t.to_pylist()]
-        samples = [r for r in rows if r["kind"] == "sample"]
-        batch = {k: np.array([r[k] for r in samples], dtype=object) for k in samples[0]}
-        batch["jpg"] = batch["image"]
-        res = stage(decode(batch))
-        rows_by_shard[shard.name] = (rows, samples, res)
-    # threshold at the median web ITM, so both decisions occur whatever the random weights give
-    web = [s for _, _, res in rows_by_shard.values() for s in res["web_itm"] if s is not None]
-    threshold = float(np.median(web))
-    summary = {"threshold": threshold, "input": str(input_dir), "shards": {}}
-    for sub in ("tars", "parquet", "_state"):
-        (out_dir / sub).mkdir(parents=True, exist_ok=True)
-    for name, (rows, samples, res) in rows_by_shard.items():
-        writer = ShardWriter(*_local(out_dir), name)
-        for i, r in enumerate(samples):
-            out = {**r, **{k: res[k][i] for k in res if k not in ("pixels",)}}
-            itms = ([out["web_itm"]] if out["web_itm"] is not None else []) + list(out["synthetic_itm"])
-            texts = ([out["caption"]] if out["web_itm"] is not None else []) + list(out["synthetic_captions"])
-            out["kept_texts"] = [t for t, p in zip(texts, itms) if p >= threshold]
-            out["kept"] = bool(out["kept_texts"]) and out["status"] == "ok"
-            out["reason"] = None if out["kept"] else (out["reason"] or "below_threshold")
-            writer.add(out)
-        writer.add(rows[-1])  # the end-of-shard marker
-        summary["shards"][name] = writer.commit()
-    counts = {k: sum(s[k] for s in summary["shards"].values()) for k in COUNT_NAMES[:-1]}
-    counts["failed_shards"] = sum(s["state"] == "failed" for s in summary["shards"].values())
-    summary["counts"] = counts
-    (out_dir / "summary.json").write_text(json.dumps(summary))
-
-
-def _local(out_dir: Path):
-    import fsspec
-
-    return fsspec.filesystem("file"), str(out_dir)
+    return float(np.median([s for s in stage(decode(batch))["web_itm"] if s is not None]))
 
 
 @pytest.fixture(scope="module")
 def run_output(tiny_vocab_dir, tmp_path_factory) -> dict:
-    """An input folder (2 synthetic shards + 1 hostile shard) and the CapFilt output folder made from it."""
+    """A real `capfilt run` (Ray Data, tiny random models) over 2 synthetic shards, 1 hostile shard and 1 cut tar."""
+    from blip.load import save_pretrained
+    from pipelines.run import load_config, run_capfilt
+
     root = tmp_path_factory.mktemp("report")
     inp, bad = root / "input", root / "bad"
     write_corpus(str(inp), samples=24, noise=0.5, seed=3, image_size=64, samples_per_shard=12)
     expected_bad = make_bad_corpus(str(bad), seed=3, image_size=64)
-    shutil.copy(bad / "00000.tar", inp / "00002.tar")  # hostile shard next to the good ones
-    out = root / "out"
-    _run_capfilt(inp, out, tiny_vocab_dir)
-    return {"input": inp, "out": out, "bad": expected_bad, "summary": json.loads((out / "summary.json").read_text())}
+    shutil.copy(bad / "00000.tar", inp / "00002.tar")  # hostile images next to the good shards
+    write_truncated_shard(str(inp / "00001.tar"), str(inp / "00003.tar"), 0.37)  # cut mid-member: fails
+    cap, filt = _tiny("caption", tiny_vocab_dir, 1), _tiny("retrieval", tiny_vocab_dir, 2)
+    threshold = _median_web_itm(inp, cap, filt)
+    cfg = load_config(
+        Path(__file__).resolve().parent.parent / "configs" / "capfilt_tiny.yaml",
+        input=str(inp),
+        output=str(root / "out"),
+        captioner=str(save_pretrained(cap, root / "captioner")),
+        filter=str(save_pretrained(filt, root / "filter")),
+        threshold=threshold,
+        progress=False,
+    )
+    summary = run_capfilt(cfg, echo=lambda msg: None)
+    assert summary == json.loads((root / "out" / "summary.json").read_text())
+    return {"input": inp, "out": root / "out", "bad": expected_bad, "summary": summary}
 
 
 class _Dom(HTMLParser):
@@ -188,15 +170,19 @@ def test_report_renders_in_chromium_with_summary_numbers(run_output, tmp_path):
 
     dom = _render(html_path, tmp_path)
     # counts shown == summary.json's
-    assert {k: int(v) for k, v in dom.counts.items()} == {
-        k: summary["counts"][k] for k in COUNT_NAMES if k != "other_errors" or summary["counts"][k]
-    }
-    assert summary["counts"]["decode_errors"] > 0 and 0 < summary["counts"]["kept"] < summary["counts"]["in"]
+    stated = {**summary["counts"], "failed_shards": len(summary["failed_shards"])}
+    shown = {k: int(v) for k, v in dom.counts.items()}
+    assert shown == {k: stated[k] for k in COUNT_NAMES if k != "other_errors" or stated[k]}
+    assert stated["decode_errors"] > 0 and 0 < stated["kept"] < stated["in"] and stated["failed_shards"] == 1
     # per-shard table == summary.json's per-shard stats
-    assert set(dom.shard_cells) == set(summary["shards"])
+    per_shard = {s["shard"]: s for s in summary["per_shard"]}
+    assert set(dom.shard_cells) == set(per_shard) == {"00000", "00001", "00002", "00003"}
     for name, cells in dom.shard_cells.items():
-        for col in ("in", "kept", "dropped", "decode_errors"):
-            assert int(cells[col]) == summary["shards"][name][col], (name, col)
+        for col in ("in", "kept", "dropped", "decode_errors", "other_errors"):
+            assert int(cells[col]) == per_shard[name][col], (name, col)
+        assert cells["state"].startswith(per_shard[name]["state"])
+    # the rows agree with summary.json, so the page raised no disagreement warning
+    assert 'class="warn"' not in page
     # every picture decodes in the browser: 3 histograms, the shard bars, one thumbnail per decodable sample
     assert len(dom.imgs) >= 4 and all(int(i["data-natural-width"]) > 0 for i in dom.imgs)
     thumbs = [i for i in dom.imgs if i["src"].startswith("data:image/jpeg")]
@@ -221,7 +207,7 @@ def test_report_renders_in_chromium_with_summary_numbers(run_output, tmp_path):
 
 def test_cards_capped_borderline_first(run_output, tmp_path):
     out, summary = run_output["out"], run_output["summary"]
-    thr = summary["threshold"]
+    thr = summary["settings"]["threshold"]
     page = Path(write_report(str(out), str(tmp_path / "r.html"), max_samples=10)).read_text()
     keys = re.findall(r'<div class="card [a-z]+" data-key="([^"]+)" data-shard="([^"]+)"', page)
     assert len(keys) == 10
