@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -200,3 +201,31 @@ def test_missing_path_tokenizer_and_hub(tiny_vocab_dir: Path, tmp_path: Path, mo
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(CheckpointError, match=r"'Salesforce/blip-capfilt-test'.*pass the local folder or \.pth"):
         blip.load("Salesforce/blip-capfilt-test")
+
+
+def test_transformers_bin_and_sharded_folders(tiny_vocab_dir: Path, tmp_path: Path) -> None:
+    """Older hub folders: pytorch_model.bin (with position_ids buffers and tied keys); sharded safetensors."""
+    from safetensors.torch import save_file
+
+    model = _model("retrieval", tiny_vocab_dir)
+    hf_sd = original_to_hf(model.state_dict())
+    hf_sd["text_encoder.embeddings.position_ids"] = torch.arange(512)[None]  # old .bin files kept this buffer
+    d = config_to_hf(model.config)
+    for name in ("bin", "sharded"):
+        folder = tmp_path / name
+        model.tokenizer.save_pretrained(folder)
+        (folder / "config.json").write_text(json.dumps(d))
+        if name == "bin":
+            torch.save(hf_sd, folder / "pytorch_model.bin")
+        else:
+            keys = sorted(hf_sd)
+            half = len(keys) // 2
+            index = {}
+            for i, part in enumerate((keys[:half], keys[half:])):
+                shard = f"model-0000{i + 1}-of-00002.safetensors"
+                save_file({k: hf_sd[k].contiguous() for k in part}, str(folder / shard))
+                index.update(dict.fromkeys(part, shard))
+            (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
+        loaded = blip.load(folder)
+        own = loaded.state_dict()
+        assert all(torch.equal(own[k], v) for k, v in model.state_dict().items() if k != "temp"), name
