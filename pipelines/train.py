@@ -604,7 +604,7 @@ def _init_ray(s: TrainSettings) -> None:
         return
     # local: the train workers hold CPUs for their whole life; leave at least one for the Ray Data read tasks
     need = int(math.ceil(s.workers * s.cpus_per_worker)) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
 
 
 def plot_losses(output: str | Path) -> Path | None:
