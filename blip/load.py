@@ -167,7 +167,9 @@ def _alias_groups(model: nn.Module) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str, family_overridden: bool) -> None:
+def load_state_dict_checked(
+    model: nn.Module, sd: dict[str, Tensor], source: str, family_overridden: bool, from_transformers: bool = False
+) -> None:
     """Strict load with the known differences handled explicitly:
     - `position_ids` buffers (arange; transformers does not save them) and `temp` (transformers retrieval has none)
       may be missing, and keys that alias another parameter (tied LM head, shared layers) may be either;
@@ -188,7 +190,11 @@ def load_state_dict_checked(model: nn.Module, sd: dict[str, Tensor], source: str
             or (family_overridden and k.split(".")[0] not in own_tops)
         )
     ]
-    missing = [k for k in own if k not in sd and not (k.endswith("position_ids") or k == "temp" or k in present_alias)]
+    missing = [
+        k
+        for k in own
+        if k not in sd and not (k.endswith("position_ids") or (from_transformers and k == "temp") or k in present_alias)
+    ]
     if bad or missing:
         parts = []
         if missing:
@@ -240,7 +246,7 @@ def load(
     from blip.model import MODEL_CLASSES
 
     path = _resolve(path_or_id)
-    cfg, sd, _ = read_checkpoint(path, family)
+    cfg, sd, fmt = read_checkpoint(path, family)
     if image_size is not None and image_size != cfg.vision.image_size:
         cfg = BlipConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "image_size": image_size}})
     num_patches = cfg.vision.num_patches
@@ -248,7 +254,9 @@ def load(
         if key in sd and sd[key].shape[1] != num_patches + 1:
             sd[key] = interpolate_pos_embed(sd[key], num_patches)
     model = MODEL_CLASSES[cfg.family](cfg)
-    load_state_dict_checked(model, sd, str(path), family_overridden=family is not None)
+    load_state_dict_checked(
+        model, sd, str(path), family_overridden=family is not None, from_transformers=fmt == "transformers"
+    )
     tok = build_tokenizer(_find_tokenizer(path, tokenizer_path))
     if len(tok) > cfg.text.vocab_size:
         raise CheckpointError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {cfg.text.vocab_size}")

@@ -180,6 +180,10 @@ def test_unknown_and_mismatched_keys(tiny_vocab_dir: Path, tmp_path: Path) -> No
     torch.save({"model": missing}, tmp_path / "missing.pth")
     with pytest.raises(CheckpointError, match="missing .* keys"):
         blip.load(tmp_path / "missing.pth", tokenizer_path=tiny_vocab_dir)
+    ret = _model("retrieval", tiny_vocab_dir).state_dict()
+    torch.save({k: v for k, v in ret.items() if k != "temp"}, tmp_path / "notemp.pth")  # only transformers lacks it
+    with pytest.raises(CheckpointError, match="missing 1 keys.*temp"):
+        blip.load(tmp_path / "notemp.pth", tokenizer_path=tiny_vocab_dir)
     bad_shape = dict(sd)
     bad_shape["text_decoder.cls.predictions.bias"] = torch.zeros(7)
     torch.save(bad_shape, tmp_path / "shape.pth")
