@@ -34,7 +34,6 @@ from pipelines.io import (
     HIST_BINS,
     HIST_RANGES,
     OUT_SCHEMA,
-    READ_SCHEMA,
     Shard,
     ShardWriter,
     clean_tmp,
@@ -76,8 +75,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"  # bfloat16 on GPU, float32 on CPU
     max_pixels: int = 89_478_485  # decompression-bomb cap (PIL's default)
-    read_block_rows: int = 64  # samples per block out of a read task
-    decode_batch_size: int = 64
+    read_block_rows: int = 64  # samples per block out of a read task (decoded together)
     address: str | None = None  # Ray cluster address ("auto"); None: start Ray in this process
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for input and output (s3 endpoint)
     progress: bool = True  # Ray Data progress bars + one line per committed shard
@@ -98,10 +96,7 @@ class RunConfig:
             ),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}"),
-            (
-                self.read_block_rows >= 1 and self.decode_batch_size >= 1,
-                "read_block_rows and decode_batch_size must be >= 1",
-            ),
+            (self.read_block_rows >= 1, f"read_block_rows must be >= 1, got {self.read_block_rows}"),
             (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
             (isinstance(self.storage_options, dict), "storage_options must be a mapping"),
             (bool(self.input), "no --input given"),
@@ -165,29 +160,29 @@ def model_config(spec: str, role: str) -> Any:
 # ------------------------------------------------------------------------------------------------ Ray Data stages
 
 
-def _read_shards(
-    batch: dict[str, np.ndarray], storage_options: dict[str, Any], rows_per_block: int
+def _read_decode_shards(
+    batch: dict[str, np.ndarray], storage_options: dict[str, Any], rows_per_block: int, image_size: int, max_pixels: int
 ) -> Iterator[pa.Table]:
-    """Ray Data task UDF: shard descriptors -> the shards' sample tables (streamed), each ended by its marker."""
-    for path, name, fmt in zip(batch["path"], batch["name"], batch["format"]):
-        yield from read_shard(Shard(str(path), str(name), str(fmt)), storage_options, rows_per_block)
-
-
-def _decode(batch: dict[str, np.ndarray], image_size: int, max_pixels: int) -> pa.Table:
-    """Ray Data task UDF around DecodeStage: adds `pixels` (B, S, S, 3) uint8, `status`, `error`.
-
-    Markers get a decode_error too; the actor passes them through untouched. Returned as a typed Arrow table:
-    from a dict of numpy arrays Ray Data would turn an all-None string column into float NaNs.
-    """
-    from ray.data.extensions import ArrowTensorArray
-
+    """Ray Data task UDF, one shard per task: read the shard block by block and decode each block as it comes
+    (bounded memory), ending with the shard's marker. One UDF rather than two map_batches, so Ray Data never
+    bundles several shards into one task (a later batch_size would make it wait for that many rows)."""
     from capfilt.decode import DecodeStage
 
     stage = DecodeStage(image_size=image_size, max_pixels=max_pixels, image_column="image", fallback_columns=())
     stage.setup()
-    out = stage(batch)
-    cols = {f.name: pa.array([_value(v) for v in out[f.name]], type=f.type) for f in READ_SCHEMA if f.name != "image"}
-    cols["image"] = pa.array([_as_bytes(v) for v in out["image"]], type=pa.binary())
+    for path, name, fmt in zip(batch["path"], batch["name"], batch["format"]):
+        for table in read_shard(Shard(str(path), str(name), str(fmt)), storage_options, rows_per_block):
+            yield _decode(stage, table)
+
+
+def _decode(stage: Any, table: pa.Table) -> pa.Table:
+    """DecodeStage over a block of READ_SCHEMA rows: adds `pixels` (B, S, S, 3) uint8, `status`, `error`, as a
+    typed Arrow table (from a dict of numpy arrays Ray Data would turn an all-None string column into NaNs).
+    Markers get a decode_error too; the actor passes them through untouched."""
+    from ray.data.extensions import ArrowTensorArray
+
+    out = stage({name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
+    cols = {name: table.column(name) for name in table.column_names}
     cols["status"] = pa.array([str(v) for v in out["status"]], type=pa.string())
     cols["error"] = pa.array([_str(v) or None for v in out["error"]], type=pa.string())
     cols["pixels"] = ArrowTensorArray.from_numpy(out["pixels"])  # (B, S, S, 3) uint8
@@ -333,6 +328,10 @@ def _execute(cfg: RunConfig, todo: list[Shard], image_size: int, out_fs: Any, ro
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
+    # Rows reach the driver in input order, so shards complete (and commit) one after another while the job runs:
+    # a killed job loses at most the shards in flight, and few writers are open at once. Ray Data keeps working
+    # ahead within its backpressure budget, so a slow block delays output, not the actors.
+    ctx.execution_options.preserve_order = True
     gpus = _cluster_gpus() if cfg.device in ("auto", "cuda") else 0
     n_actors = cfg.actors or max(gpus, 1)
     device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
@@ -357,15 +356,14 @@ def _execute(cfg: RunConfig, todo: list[Shard], image_size: int, out_fs: Any, ro
     items = [{"path": s.path, "name": s.name, "format": s.format} for s in todo]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
-        _read_shards,
-        fn_kwargs={"storage_options": cfg.storage_options, "rows_per_block": cfg.read_block_rows},
+        _read_decode_shards,
+        fn_kwargs={
+            "storage_options": cfg.storage_options,
+            "rows_per_block": cfg.read_block_rows,
+            "image_size": image_size,
+            "max_pixels": cfg.max_pixels,
+        },
         batch_size=1,
-        batch_format="numpy",
-    )
-    ds = ds.map_batches(
-        _decode,
-        fn_kwargs={"image_size": image_size, "max_pixels": cfg.max_pixels},
-        batch_size=cfg.decode_batch_size,
         batch_format="numpy",
     )
     ds = ds.map_batches(
