@@ -397,7 +397,7 @@ def shard_chart(shards: list[ShardRow]) -> str | None:
         ax.set_yticks(y, [s.shard + (" (failed)" if s.state == "failed" else "") for s in shards], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("samples")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     else:
         fig, ax = plt.subplots(figsize=(6.4, 2.6))
         ax.bar(np.arange(len(shards)), [s.kept_ratio for s in shards], width=1.0, color="#2ca02c")
@@ -438,7 +438,7 @@ def _e(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
 
 
-def _text(t: str, limit: int = 300) -> str:
+def _text(t: str, limit: int = 200) -> str:
     """A quoted text, cut at `limit` characters on the card (web alt-text can be kilobytes long)."""
     if len(t) <= limit:
         return f"“{_e(t)}”"

@@ -259,3 +259,19 @@ def test_cli(run_output, tmp_path):
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "no per-sample parquet" in r.output
+
+
+def test_report_of_an_output_on_s3(run_output, s3_server, tmp_path):
+    """OUTPUT_DIR on an object store (moto's S3 server on loopback): read through fsspec, the page written there too."""
+    bucket = s3_server.make_bucket()
+    s3_server.fs.put(str(run_output["out"]), f"{bucket}/out", recursive=True)
+    s3_server.fs.invalidate_cache()
+    url = f"s3://{bucket}/out"
+    written = write_report(url, max_samples=500, storage_options=s3_server.storage_options)
+    assert written == f"{url}/report.html"
+    s3_server.fs.invalidate_cache()
+    page = s3_server.fs.cat(f"{bucket}/out/report.html").decode("utf-8")
+    rows = pq.read_table(run_output["out"] / "parquet").to_pylist()
+    # kept images from the tars on S3, dropped ones from the local input named in summary.json
+    assert page.count('<img src="data:image/jpeg') == sum(r["status"] == "ok" for r in rows)
+    assert f'<td data-count="in">{run_output["summary"]["counts"]["in"]}</td>' in page
