@@ -288,6 +288,10 @@ def ingest(
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout or "").strip().splitlines()[-15:])
         raise RuntimeError(f"img2dataset failed (exit {proc.returncode}):\n{tail}")
+    fs, out_path = fsspec.core.url_to_fs(output, **(storage_options or {}))
+    tmp = out_path.rstrip("/") + "/_tmp"
+    if fs.exists(tmp):  # img2dataset leaves its sharded URL list behind on object stores
+        fs.rm(tmp, recursive=True)
     result = read_stats(output, storage_options)
     result.input_rows = info.rows
     result.seconds = time.perf_counter() - start

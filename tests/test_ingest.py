@@ -175,3 +175,28 @@ def test_inspect_url_list_folder_and_extra_columns(tmp_path: Path) -> None:
     (tmp_path / "more.csv").write_text("url\nhttp://x/a.jpg\n")
     with pytest.raises(IngestError, match="mixes"):
         inspect_url_list(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_ingest_to_s3(http_image_server, s3_server, tmp_path: Path) -> None:
+    """Output straight to an S3 bucket (moto on loopback), configured through the AWS_* env alone."""
+    srv = http_image_server
+    pd.DataFrame({"url": srv.urls[:5] + [srv.missing_url()], "caption": srv.captions[:5] + ["x"]}).to_parquet(
+        tmp_path / "urls.parquet"
+    )
+    bucket = s3_server.make_bucket()
+    out = f"s3://{bucket}/shards"
+    r = CliRunner().invoke(main, ["ingest", str(tmp_path / "urls.parquet"), out, "--threads", "4"])
+    assert r.exit_code == 0, r.output
+    stats = read_stats(out)
+    assert (stats.successes, stats.failed_to_download) == (5, 1)
+    assert stats.shards == [f"{out}/00000.tar"]
+    assert sorted(p.rsplit("/", 1)[1] for p in s3_server.fs.ls(f"{bucket}/shards", refresh=True)) == [
+        "00000.parquet",
+        "00000.tar",
+        "00000_stats.json",
+    ]  # and no img2dataset _tmp/ left behind
+    local = tmp_path / "00000.tar"
+    s3_server.fs.get(stats.shards[0], str(local))
+    samples = _read_tars([str(local)])
+    assert sorted(s["txt"].decode() for s in samples.values()) == sorted(srv.captions[:5])
