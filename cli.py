@@ -204,12 +204,28 @@ def ingest(
 @click.option("--max-samples", type=click.IntRange(min=0), default=200, show_default=True, help="Sample cards shown.")
 @click.option("--input", "input_", default=None, help="Input shards, for dropped samples' images. [default: the run's]")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="ITM threshold. [default: the run's]")
+@click.option("--storage-options", default=None, help="fsspec options as JSON (e.g. an S3 endpoint_url).")
 @friendly_errors
-def report(output_dir: str, out: str | None, max_samples: int, input_: str | None, threshold: float | None) -> None:
+def report(
+    output_dir: str,
+    out: str | None,
+    max_samples: int,
+    input_: str | None,
+    threshold: float | None,
+    storage_options: str | None,
+) -> None:
     """Write a self-contained HTML report of a `capfilt run` OUTPUT_DIR and print its path."""
+    import json
+
     from pipelines.report import write_report
 
-    click.echo(write_report(output_dir, out, max_samples, input_, threshold=threshold))
+    try:
+        so = json.loads(storage_options) if storage_options else None
+    except ValueError as e:
+        raise CapfiltError(f"--storage-options is not JSON: {e}") from None
+    if so is not None and not isinstance(so, dict):
+        raise CapfiltError("--storage-options must be a JSON object")
+    click.echo(write_report(output_dir, out, max_samples, input_, so, threshold))
 
 
 @main.command()
