@@ -145,6 +145,7 @@ def inspect_url_list(
 ) -> UrlList:
     """Check the URL list exists, has the named columns and at least one URL; raise `IngestError` otherwise."""
     import pyarrow.lib
+    import pyarrow.parquet as pq
 
     fs, path = fsspec.core.url_to_fs(url_list, **(storage_options or {}))
     if not fs.exists(path):
@@ -169,14 +170,20 @@ def inspect_url_list(
     rows, columns = 0, None
     for p in files:
         try:
-            table = _read_table(fs, p, fmt)
+            if fmt == "parquet":  # the footer says it all: no need to load a list of millions of rows
+                with fs.open(p, "rb") as f:
+                    meta = pq.ParquetFile(f).metadata
+                    names, n = meta.schema.to_arrow_schema().names, meta.num_rows
+            else:
+                table = _read_table(fs, p, fmt)
+                names, n = table.column_names, table.num_rows
         except (pyarrow.lib.ArrowInvalid, ValueError, UnicodeDecodeError) as e:
             raise IngestError(f"cannot read {p} as {fmt}: {e}") from e
         if columns is None:
-            columns = table.column_names
-        elif table.column_names != columns:
-            raise IngestError(f"{p} has columns {table.column_names}, unlike {files[0]} ({columns})")
-        rows += table.num_rows
+            columns = names
+        elif names != columns:
+            raise IngestError(f"{p} has columns {names}, unlike {files[0]} ({columns})")
+        rows += n
     assert columns is not None
     if fmt.startswith("txt"):
         url_col, caption_col = "url", None  # a .txt list is one URL per line, no captions
@@ -189,7 +196,12 @@ def inspect_url_list(
         )
     if rows == 0:
         raise IngestError(f"URL list {url_list} is empty")
-    extra = [c for c in columns if c not in (url_col, caption_col) and c not in RESERVED_COLUMNS]
+    # pandas' saved index ("__index_level_0__") is not data
+    extra = [
+        c
+        for c in columns
+        if c not in (url_col, caption_col) and c not in RESERVED_COLUMNS and not c.startswith("__index_level_")
+    ]
     return UrlList(url_list, files, fmt, columns, rows, extra)
 
 
