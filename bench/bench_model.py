@@ -109,7 +109,9 @@ def main() -> None:
                 if "sample" in args.only:
                     N = args.num_captions
                     kw = dict(max_length=20, min_length=5, top_p=0.9, top_k=50, repetition_penalty=1.1)
-                    t_ours = timeit(lambda: ours.generate_ids(pixels, sample=True, num_captions=N, **kw), args.reps, dev)
+                    t_ours = timeit(
+                        lambda: ours.generate_ids(pixels, sample=True, num_captions=N, **kw), args.reps, dev
+                    )
                     t_ref = timeit(
                         lambda: ref.generate(
                             pixel_values=pixels, input_ids=prompt, do_sample=True, num_return_sequences=N, **kw
@@ -135,7 +137,9 @@ def main() -> None:
 
             def hf_itm():
                 itm = ref(pixel_values=rep, input_ids=ids, attention_mask=enc.attention_mask, use_itm_head=True)
-                itc = ref(pixel_values=rep, input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_itm_head=False)
+                itc = ref(
+                    pixel_values=rep, input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_itm_head=False
+                )
                 return itm.itm_score.softmax(-1)[:, 1], itc.itm_score
 
             with torch.inference_mode():
