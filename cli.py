@@ -400,5 +400,22 @@ def run(
         sys.exit(2)
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config",
+    default="bootstrap_demo.yaml",
+    show_default=True,
+    help="bootstrap YAML (a path, or a name in configs/)",
+)
+@click.option("--workdir", default=None, help="where every step writes (overrides the config's workdir)")
+@friendly_errors
+def bootstrap(config: str, workdir: str | None) -> None:
+    """BLIP's whole loop: pretrain -> fine-tune captioner + filter -> capfilt run -> pretrain again -> evaluate."""
+    from pipelines.bootstrap import bootstrap as run_bootstrap
+
+    run_bootstrap(config, workdir)
+
+
 if __name__ == "__main__":
     main()
