@@ -82,15 +82,30 @@ def test_against_blip_captioning(size: str, tiny_vocab_dir: Path, tmp_path: Path
 
     prompt = tok(["a picture of "] * len(pixels), return_tensors="pt").input_ids  # transformers drops the [SEP]
     n_prompt = prompt.shape[1] - 1
-    for num_beams in (1, 3):
-        want_ids = ref.generate(
-            pixels, input_ids=prompt.clone(), num_beams=num_beams, do_sample=False, max_length=20, min_length=5
-        )
-        got_ids = ours.generate_ids(
-            pixels, sample=False, num_beams=num_beams, max_length=20, min_length=5, beam_length="hf"
-        )
-        assert [_trim(r, n_prompt) for r in got_ids.tolist()] == [_trim(r, n_prompt) for r in want_ids.tolist()]
-        assert got_ids[:, 0].eq(tok.bos_token_id).all() and got_ids.shape[1] <= 20
+    ended_early = []
+    for sep_boost in ("none", "mid"):
+        if sep_boost == "mid":
+            # random weights rarely pick [SEP]: raise its bias (in both models) so that greedy decoding of image 0
+            # would end around token 10, exercising eos, min_length and finished beams
+            with torch.no_grad():
+                greedy = ours.generate_ids(pixels, sample=False, num_beams=1, max_length=20, min_length=5)
+                lg = ours.logits(pixels, greedy, torch.ones_like(greedy))  # (B, T, V)
+                boost = float(lg[0, 9].max() - lg[0, 9, tok.sep_token_id]) + 1e-3
+                ref.text_decoder.cls.predictions.bias[tok.sep_token_id] += boost
+                ours.text_decoder.cls.predictions.bias[tok.sep_token_id] += boost
+        for num_beams in (1, 3):
+            want_ids = ref.generate(
+                pixels, input_ids=prompt.clone(), num_beams=num_beams, do_sample=False, max_length=20, min_length=5
+            )
+            got_ids = ours.generate_ids(
+                pixels, sample=False, num_beams=num_beams, max_length=20, min_length=5, beam_length="hf"
+            )
+            got = [_trim(r, n_prompt) for r in got_ids.tolist()]
+            assert got == [_trim(r, n_prompt) for r in want_ids.tolist()]
+            assert got_ids[:, 0].eq(tok.bos_token_id).all() and got_ids.shape[1] <= 20
+            assert all(len(r) >= 5 for r in got)  # min_length counts the prompt
+            ended_early += [len(r) < 20 and r[-1] == tok.sep_token_id for r in got]
+    assert any(ended_early)
 
 
 @pytest.mark.parametrize("size", SIZES)
