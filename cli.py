@@ -267,16 +267,19 @@ def report(
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option(
+    "--tokenizer", "tokenizer_path", default=None, help="Tokenizer folder or BERT vocab.txt (for a bare .pth)."
+)
 @friendly_errors
 def caption(
     images: tuple[str, ...], model_path: str, beam: int | None, top_p: float | None, num_captions: int, seed: int,
-    max_length: int, min_length: int, device: str, dtype: str,
+    max_length: int, min_length: int, device: str, dtype: str, tokenizer_path: str | None,
 ) -> None:  # fmt: skip
     """Caption IMAGES with a BLIP captioner; prints `IMAGE<TAB>caption`, one line per caption."""
     from capfilt.predict import caption_files
 
     for path, caps in caption_files(
-        list(images), model_path, beam, top_p, num_captions, seed, max_length, min_length, device, dtype
+        list(images), model_path, beam, top_p, num_captions, seed, max_length, min_length, device, dtype, tokenizer_path
     ):
         for c in caps:
             click.echo(f"{path}\t{c}")
@@ -290,13 +293,19 @@ def caption(
 )
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option(
+    "--tokenizer", "tokenizer_path", default=None, help="Tokenizer folder or BERT vocab.txt (for a bare .pth)."
+)
 @friendly_errors
-def score(image: str, texts: tuple[str, ...], model_path: str, device: str, dtype: str) -> None:
+def score(
+    image: str, texts: tuple[str, ...], model_path: str, device: str, dtype: str, tokenizer_path: str | None
+) -> None:
     """Score each TEXT against IMAGE: ITM match probability and ITC cosine similarity, tab-separated."""
     from capfilt.predict import score_file
 
+    rows = score_file(image, list(texts), model_path, device, dtype, tokenizer_path)
     click.echo("itm\titc\ttext")
-    for text, itm, itc in score_file(image, list(texts), model_path, device, dtype):
+    for text, itm, itc in rows:
         click.echo(f"{itm:.4f}\t{itc:.4f}\t{text}")
 
 

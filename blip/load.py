@@ -224,7 +224,8 @@ def _find_tokenizer(path: Path, tokenizer_path: str | os.PathLike[str] | None) -
         if any((cand / f).is_file() for f in TOKENIZER_FILES):
             return cand
     raise CheckpointError(
-        f"no tokenizer for {path}: pass tokenizer_path= (a folder with tokenizer files or a BERT vocab.txt), "
+        f"no tokenizer for {path}: pass tokenizer_path= / --tokenizer (a folder with tokenizer files or a BERT "
+        f"vocab.txt), "
         f"or put vocab.txt / tokenizer.json next to the checkpoint"
     )
 

@@ -35,12 +35,12 @@ def read_images(paths: list[str], image_size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _load(model_path: str, families: tuple[str, ...], what: str, device: str, dtype: str):
+def _load(model_path: str, families: tuple[str, ...], what: str, device: str, dtype: str, tokenizer_path: str | None):
     import blip
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
-    model = blip.load(model_path, device=resolve_device(device), dtype=DTYPES[dtype])
+    model = blip.load(model_path, device=resolve_device(device), dtype=DTYPES[dtype], tokenizer_path=tokenizer_path)
     if model.config.family not in families:
         raise ValueError(f"{model_path} is a {model.config.family} model; {what} needs a {' or '.join(families)} model")
     return model
@@ -63,6 +63,7 @@ def caption_files(
     min_length: int = 5,
     device: str = "auto",
     dtype: str = "float32",
+    tokenizer_path: str | None = None,
     batch_size: int = 16,
 ) -> list[tuple[str, list[str]]]:
     """(image path, captions) per image. Beam search (default 3 beams) or nucleus sampling (`top_p`, repetition
@@ -73,7 +74,7 @@ def caption_files(
         raise ValueError("several captions per image need sampling: add --top-p (0.9 in the paper)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
-    model = _load(model_path, ("caption", "pretrain"), "captioning", device, dtype)
+    model = _load(model_path, ("caption", "pretrain"), "captioning", device, dtype, tokenizer_path)
     size = model.config.vision.image_size
     uint8 = read_images(images, size)  # every file is checked before any work is done
     results: list[tuple[str, list[str]]] = []
@@ -95,12 +96,17 @@ def caption_files(
 
 @torch.no_grad()
 def score_file(
-    image: str, texts: list[str], model_path: str, device: str = "auto", dtype: str = "float32"
+    image: str,
+    texts: list[str],
+    model_path: str,
+    device: str = "auto",
+    dtype: str = "float32",
+    tokenizer_path: str | None = None,
 ) -> list[tuple[str, float, float]]:
     """(text, ITM match probability, ITC cosine similarity) for each text against one image."""
     if not texts:
         raise ValueError("give at least one TEXT to score")
-    model = _load(model_path, ("retrieval", "pretrain"), "scoring", device, dtype)
+    model = _load(model_path, ("retrieval", "pretrain"), "scoring", device, dtype, tokenizer_path)
     pixels = _pixels(model, read_images([image], model.config.vision.image_size))
     itm, itc = model.score(pixels, [texts])
     return list(zip(texts, itm[0], itc[0]))

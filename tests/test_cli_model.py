@@ -52,6 +52,7 @@ def _run(*args: object) -> tuple[int, str, str]:
 
 def _assert_clean_error(code: int, out: str, err: str, *needles: str) -> None:
     assert code == 1, (code, out, err)
+    assert out == ""  # nothing half-printed before the error
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
@@ -118,7 +119,7 @@ def test_convert(models: dict[str, Path], tiny_vocab_dir: Path, tmp_path: Path) 
     assert all(torch.equal(v, pre.state_dict()[k]) for k, v in own.items())
 
 
-def test_clear_errors(models: dict[str, Path], images: list[Path], tmp_path: Path) -> None:
+def test_clear_errors(models: dict[str, Path], images: list[Path], tiny_vocab_dir: Path, tmp_path: Path) -> None:
     good, broken = images[0], images[3]
     _assert_clean_error(
         *_run("caption", tmp_path / "nope.png", "--model", models["caption"]), "nope.png", "does not exist"
@@ -139,3 +140,7 @@ def test_clear_errors(models: dict[str, Path], images: list[Path], tmp_path: Pat
     bare.parent.mkdir()
     bare.write_bytes((models["caption"].parent / "caption.pth").read_bytes())
     _assert_clean_error(*_run("caption", good, "--model", bare), "no tokenizer")
+    assert _run("caption", good, "--model", bare, "--tokenizer", tiny_vocab_dir)[0] == 0
+    pre = models["pretrain"].parent / "pretrain.pth"
+    code, out, err = _run("score", "--model", pre, "--tokenizer", tiny_vocab_dir / "vocab.txt", good, "a dog")
+    assert code == 0 and len(out.strip().splitlines()) == 2, err
