@@ -143,8 +143,12 @@ def _eos_row(shard: str, n: int, error: str | None) -> dict[str, Any]:
     return {"kind": "eos", "shard": shard, "idx": n, "note": error}
 
 
-def _iter_tar_samples(f: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by webdataset key; streaming (`r|`), so S3 is read once, front to back."""
+def _iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive tar members by webdataset key; streaming (`r|`), so S3 is read once, front to back.
+
+    A tar cut exactly at a member boundary reads like a complete one to `tarfile`; an uncompressed tar of known `size`
+    must still hold its end-of-archive marker (two zero blocks) after the last member, or it is reported truncated.
+    """
     key, files = None, {}
     with tarfile.open(fileobj=f, mode="r|*") as tf:
         for member in tf:
@@ -160,6 +164,10 @@ def _iter_tar_samples(f: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
                 files = {}
             key = k
             files[ext] = data
+        plain = getattr(tf.fileobj, "comptype", "tar") == "tar"
+        if plain and size is not None and tf.offset + 2 * tarfile.BLOCKSIZE > size:
+            # the last group may be missing members that were cut off: it is not yielded
+            raise tarfile.ReadError(f"truncated tar: no end-of-archive marker after byte {tf.offset} of {size}")
     if key is not None:
         yield key, files
 
@@ -177,7 +185,7 @@ def read_shard(
     try:
         fs, path = _fs_and_path(shard.path, storage_options)
         with fs.open(path, "rb") as f:
-            samples = _iter_tar_samples(f) if shard.format == "tar" else _iter_parquet_samples(f)
+            samples = _iter_tar_samples(f, fs.size(path)) if shard.format == "tar" else _iter_parquet_samples(f)
             for key, files in samples:
                 rows.append(_sample_row(shard.name, n, key, files))
                 n += 1
@@ -201,11 +209,13 @@ def _iter_parquet_samples(f: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
     if image_col is None:
         raise ValueError(f"no image column ({'/'.join(_PARQUET_IMAGE_COLUMNS)}) among {names}; an img2dataset sidecar?")
     ext = image_col if image_col in IMAGE_EXTS else "jpg"
+    i = 0
     for batch in pf.iter_batches(batch_size=256):
-        for i, row in enumerate(batch.to_pylist()):
+        for row in batch.to_pylist():
             key = row.get("key")
             if key is None:
-                key = f"row{i:09d}"
+                key = f"row{i:09d}"  # position in the file, unique across batches
+            i += 1
             files: dict[str, bytes] = {}
             if row.get(image_col) is not None:
                 files[ext] = row[image_col]
@@ -217,6 +227,11 @@ def _iter_parquet_samples(f: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def _jsonable(v: Any) -> bool:
+    """Metadata worth carrying into the sample's json: scalars and nested lists/dicts of them (e.g. ground truth)."""
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _jsonable(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return all(_jsonable(x) for x in v)
     return v is None or isinstance(v, str | int | float | bool)
 
 

@@ -149,6 +149,44 @@ def test_read_truncated_tar_keeps_readable_samples(tmp_path, wds_corpus):
     assert len(rows) == 1 and rows[0]["kind"] == "eos" and rows[0]["note"]
 
 
+def test_tar_cut_at_a_member_boundary_is_truncated(tmp_path, wds_corpus):
+    """`tarfile` reads a tar cut exactly before a header as complete; the missing end-of-archive marker gives it away."""
+    src = Path(wds_corpus) / "00001.tar"
+    with tarfile.open(src) as tf:
+        members = tf.getmembers()
+    cut = members[len(members) // 2 + 1]  # a header that starts a later member
+    dst = tmp_path / "00007.tar"
+    dst.write_bytes(src.read_bytes()[: cut.offset])
+    rows = [r for t in read_shard(list_shards(str(dst))[0]) for r in t.to_pylist()]
+    assert "truncated" in rows[-1]["note"]
+    # the complete copy still reads clean
+    rows = [r for t in read_shard(list_shards(str(src))[0]) for r in t.to_pylist()]
+    assert rows[-1]["note"] is None and rows[-1]["idx"] == 6
+
+
+def test_parquet_input_keeps_nested_metadata_and_unique_fallback_keys(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from capfilt.synth import read_truth
+
+    write_corpus(
+        str(tmp_path / "pq"), 6, noise=0.5, seed=3, image_size=32, samples_per_shard=6, output_format="parquet"
+    )
+    shard = list_shards(str(tmp_path / "pq"))[0]
+    rows = [r for t in read_shard(shard) for r in t.to_pylist() if r["kind"] != "eos"]
+    truth = read_truth(str(tmp_path / "pq"))
+    for r in rows:  # the ground truth (a nested struct column) reaches the sample json
+        assert json.loads(r["json"])["synth"]["true_caption"] == truth[r["key"]]["true_caption"]
+    # no key column: positional keys stay unique past the reader's 256-row batches
+    n = 300
+    table = pa.table({"jpg": [b"x"] * n, "caption": [f"c{i}" for i in range(n)]})
+    pq.write_table(table, tmp_path / "nokey.parquet")
+    rows = [r for t in read_shard(list_shards(str(tmp_path / "nokey.parquet"))[0]) for r in t.to_pylist()]
+    keys = [r["key"] for r in rows if r["kind"] != "eos"]
+    assert len(keys) == n and len(set(keys)) == n
+
+
 def test_shard_writer_drops_retried_duplicates_and_commits_last(tmp_path):
     import fsspec
 
