@@ -83,7 +83,7 @@ def test_against_blip_captioning(size: str, tiny_vocab_dir: Path, tmp_path: Path
     prompt = tok(["a picture of "] * len(pixels), return_tensors="pt").input_ids  # transformers drops the [SEP]
     n_prompt = prompt.shape[1] - 1
     ended_early = []
-    for sep_boost in ("none", "mid"):
+    for sep_boost in ("none", "mid") if size == "tiny" else ("none",):  # base: generation is slow on CPU
         if sep_boost == "mid":
             # random weights rarely pick [SEP]: raise its bias (in both models) so that greedy decoding of image 0
             # would end around token 10, exercising eos, min_length and finished beams
@@ -105,7 +105,7 @@ def test_against_blip_captioning(size: str, tiny_vocab_dir: Path, tmp_path: Path
             assert got_ids[:, 0].eq(tok.bos_token_id).all() and got_ids.shape[1] <= 20
             assert all(len(r) >= 5 for r in got)  # min_length counts the prompt
             ended_early += [len(r) < 20 and r[-1] == tok.sep_token_id for r in got]
-    assert any(ended_early)
+    assert any(ended_early) or size != "tiny"
 
 
 @pytest.mark.parametrize("size", SIZES)
