@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup lint format test test-fast
+.PHONY: setup lint format test test-fast demo
 
 # torch first and pinned: an unpinned torch requirement would resolve to a multi-GB CUDA build
 setup:
@@ -26,3 +26,7 @@ test: lint
 # the quick loop while developing: skips tests marked slow
 test-fast:
 	$(BIN)/python -m pytest -q --timeout 900 -m "not slow"
+
+# the README's first command: set up, then BLIP's whole bootstrap loop on the synthetic world (CPU, Ray in-process)
+demo: setup
+	$(BIN)/capfilt bootstrap --config configs/bootstrap_demo.yaml
