@@ -234,6 +234,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"filter: drops noisy web texts with precision {f['drop_precision']:.2f}, recall {f['drop_recall']:.2f}; "
         f"keeps {f['clean_web_kept']:.0%} of clean web texts and {f['synthetic_kept']:.0%} of synthetic captions"
     )
+    if f["samples_kept"] == 0:
+        lines.append(
+            "warning: the filter kept no web sample, so the C+F corpus is the clean set alone; the filter's ITM head "
+            "did not learn (see the README, 'What the demo shows')"
+        )
     return "\n".join(lines)
 
 
