@@ -33,6 +33,8 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.io import OUT_COLUMNS
+
 THUMB_PX = 128  # longest side of a contact-sheet thumbnail
 THUMB_QUALITY = 80
 THUMB_MAX_PIXELS = 89_478_485  # as capfilt.decode: refuse decompression bombs from the header alone
@@ -41,24 +43,8 @@ DEFAULT_THRESHOLD = 0.5
 MAX_SHARD_ROWS = 1000  # shard table rows shown (failed shards always first)
 ERROR_CARD_SHARE = 0.1  # share of the cards reserved for samples that failed (decode errors, ...)
 
-# the per-sample columns the report needs (pipelines/io.py OUT_COLUMNS minus the metadata json)
-_COLUMNS = [
-    "key",
-    "url",
-    "shard",
-    "idx",
-    "caption",
-    "synthetic_captions",
-    "web_itm",
-    "web_itc",
-    "synthetic_itm",
-    "synthetic_itc",
-    "kept_texts",
-    "kept",
-    "reason",
-    "status",
-    "error",
-]
+# the per-sample columns the report needs: the run's output contract minus the metadata json
+_COLUMNS = [c for c in OUT_COLUMNS if c != "json"]
 _SCORES = {  # histogram name -> (column, range)
     "web_itm": ("web_itm", (0.0, 1.0)),
     "synthetic_itm": ("synthetic_itm", (0.0, 1.0)),

@@ -62,6 +62,9 @@ class TrainSettings:
     label_smoothing: float | None = None
     drop_path_rate: float | None = None
     grad_checkpointing: bool = False
+    # from-scratch init std: 0.02 is BERT/ViT's, made for the pretrained towers BLIP starts from; a tiny model trained
+    # from scratch needs ~1/sqrt(width) or its image and text features start (and stay) nearly identical
+    init_std: float = 0.02
     # optimisation (the original BLIP schedules are per epoch)
     batch_size: int = 75  # per worker; global batch = batch_size * workers
     epochs: int = 20
@@ -221,7 +224,7 @@ def build_model(s: TrainSettings, source: str | None) -> tuple[nn.Module, Any]:
         cfg = _config_overrides(s, BlipConfig.from_name(s.model, family=family))
         torch.manual_seed(s.seed)
         model = _model_class(family, cfg)
-        init_weights(model)
+        init_weights(model, std=s.init_std)
     else:
         loaded = _load_any(source)
         tok = loaded.tokenizer
