@@ -749,8 +749,16 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         alpha: float | None = None,
+        inbatch_itc: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """input_ids: [CLS]-first tokenized captions (the original pads to 30 tokens)."""
+        """input_ids: [CLS]-first tokenized captions (the original pads to 30 tokens).
+
+        `inbatch_itc=True` replaces ITC with momentum distillation and queues by plain in-batch ITC (online image vs
+        online text, CLIP-style), leaving the momentum encoders and queues alone. BLIP starts from an ImageNet ViT and
+        BERT, whose features already tell samples apart; from scratch they do not, and the momentum form of ITC then
+        has no gradient that separates samples (the features collapse). A short in-batch phase stands in for that
+        initialisation; call `copy_params()` when switching to the momentum form.
+        """
         alpha = self.config.alpha if alpha is None else alpha
         with torch.no_grad():
             self.temp.clamp_(0.001, 0.5)
@@ -760,12 +768,18 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
         text_feat = self.text_feat(input_ids, attention_mask)
 
         B = image_embeds.shape[0]
-        pos = torch.zeros(B, B + self.config.queue_size, device=image_feat.device)
-        pos[:, :B].fill_diagonal_(1)
-        loss_itc, image_feat_m, text_feat_m = self._itc(
-            pixel_values, image_feat, input_ids, attention_mask, text_feat, alpha, pos
-        )
-        self._dequeue_and_enqueue(image_feat_m, text_feat_m)
+        if inbatch_itc:
+            sim = image_feat @ text_feat.t() / self.temp  # (B, B)
+            labels = torch.arange(B, device=sim.device)
+            loss_itc = (F.cross_entropy(sim.float(), labels) + F.cross_entropy(sim.t().float(), labels)) / 2
+            image_feat_m, text_feat_m = image_feat.detach(), text_feat.detach()
+        else:
+            pos = torch.zeros(B, B + self.config.queue_size, device=image_feat.device)
+            pos[:, :B].fill_diagonal_(1)
+            loss_itc, image_feat_m, text_feat_m = self._itc(
+                pixel_values, image_feat, input_ids, attention_mask, text_feat, alpha, pos
+            )
+            self._dequeue_and_enqueue(image_feat_m, text_feat_m)
 
         with torch.no_grad():  # the in-batch (momentum) columns of the ITC similarities decide the hard negatives
             weights_t2i = (F.softmax(text_feat @ image_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)

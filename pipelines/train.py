@@ -65,6 +65,9 @@ class TrainSettings:
     # from-scratch init std: 0.02 is BERT/ViT's, made for the pretrained towers BLIP starts from; a tiny model trained
     # from scratch needs ~1/sqrt(width) or its image and text features start (and stay) nearly identical
     init_std: float = 0.02
+    # pretraining from scratch: the first steps use plain in-batch ITC instead of momentum ITC + queues (a stand-in
+    # for the pretrained towers BLIP starts from; see BlipPretrain.forward); 0 = the original recipe throughout
+    itc_warmup_steps: int = 0
     # optimisation (the original BLIP schedules are per epoch)
     batch_size: int = 75  # per worker; global batch = batch_size * workers
     epochs: int = 20
@@ -515,7 +518,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 if s.task == "pretrain":
                     alpha = alpha_at(s, base_alpha, epoch, step_in_epoch, steps_per_epoch)
-                    losses = model(pixels, ids, mask, alpha=alpha)
+                    if s.itc_warmup_steps and step == s.itc_warmup_steps:
+                        raw.copy_params()  # momentum encoders start from the warmed-up towers
+                    losses = model(pixels, ids, mask, alpha=alpha, inbatch_itc=step < s.itc_warmup_steps)
                 elif s.task == "retrieval":
                     alpha = alpha_at(s, base_alpha, epoch, step_in_epoch, steps_per_epoch)
                     losses = model(pixels, ids, mask, batch["idx"], alpha=alpha)

@@ -243,3 +243,20 @@ def test_sampler_draws_the_truncated_distribution(top_k, top_p, expected):
     draws = _sample(scores, top_k, top_p, g, per_row=n, active=torch.ones(n, dtype=torch.bool))
     freq = torch.bincount(draws, minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor(expected), atol=0.01, rtol=0)
+
+
+def test_pretrain_inbatch_itc_warmup_leaves_momentum_state_alone(tok):
+    model = make("pretrain", tok).train()
+    ids, mask = model.tokenize(TEXTS, 30)
+    queue = model.image_queue.clone()
+    momentum_w = model.visual_encoder_m.norm.weight.detach().clone()
+    with torch.no_grad():
+        model.visual_encoder.norm.weight.add_(0.1)  # online != momentum: a momentum update would move the copy
+    out = model(images(4), ids, mask, inbatch_itc=True)
+    assert set(out) == {"loss_itc", "loss_itm", "loss_lm"} and all(torch.isfinite(v) for v in out.values())
+    assert int(model.queue_ptr) == 0 and torch.equal(model.image_queue, queue)
+    assert torch.equal(model.visual_encoder_m.norm.weight, momentum_w)
+    sum(out.values()).backward()
+    assert model.visual_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    model.copy_params()
+    assert torch.equal(model.visual_encoder_m.norm.weight, model.visual_encoder.norm.weight)
