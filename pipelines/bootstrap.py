@@ -236,8 +236,8 @@ def format_report(report: dict[str, Any]) -> str:
     )
     if f["samples_kept"] == 0:
         lines.append(
-            "warning: the filter kept no web sample, so the C+F corpus is the clean set alone; the filter's ITM head "
-            "did not learn (see the README, 'What the demo shows')"
+            "warning: the filter kept no web sample (no text reached the ITM threshold), so the C+F corpus is the clean set "
+            "alone (see the README, 'What the demo shows')"
         )
     return "\n".join(lines)
 
