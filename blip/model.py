@@ -261,7 +261,8 @@ class BertModel(nn.Module):
         dtype = x.dtype
 
         mask = None
-        if attention_mask is not None or causal:
+        # one cached decoding step (T == 1) may see every key: no mask to build on the per-token path
+        if attention_mask is not None or (causal and T > 1):
             S = past_length + T
             allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
             if attention_mask is not None:
@@ -498,12 +499,15 @@ class FilterMixin:
 
     def itm_logits(
         self,
-        image_embeds: torch.Tensor,
+        image_embeds: torch.Tensor | None,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cross_kv: list[KV] | None = None,
     ) -> torch.Tensor:
-        """ITM logits (B, 2) of the image-grounded encoder; the first token becomes [ENC] as in training."""
+        """ITM logits (B, 2) of the image-grounded encoder; the first token becomes [ENC] as in training.
+
+        With precomputed `cross_kv` (one row per text) the image embeddings are not needed: pass None.
+        """
         ids = input_ids.clone()
         ids[:, 0] = self.config.text.enc_token_id
         h, _ = self.text_encoder(ids, attention_mask, image_embeds, cross_kv=cross_kv)
@@ -530,7 +534,7 @@ class FilterMixin:
         itc = (self.image_feat(image_embeds)[idx] * self.text_feat(ids, mask)).sum(-1)  # (M,)
         # cross-attention K/V once per image, then gathered per text
         cross = [(k[idx], v[idx]) for k, v in self.text_encoder.cross_kv(image_embeds)]
-        itm = self.itm_logits(image_embeds[idx], ids, mask, cross_kv=cross).float().softmax(-1)[:, 1]  # (M,)
+        itm = self.itm_logits(None, ids, mask, cross_kv=cross).float().softmax(-1)[:, 1]  # (M,)
         itm_l, itc_l = itm.tolist(), itc.float().tolist()
         out_itm, out_itc, j = [], [], 0
         for ts in texts:
