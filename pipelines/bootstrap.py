@@ -64,17 +64,31 @@ class BootstrapConfig:
         unknown = sorted(set(d) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"{p}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**d)
+        return cls(**d).resolve_paths()
+
+    def resolve_paths(self) -> BootstrapConfig:
+        """Relative paths (relative to the working directory, as on the command line) -> absolute, before any step
+        hands them to Ray workers; the per-step override dicts are resolved by the settings loader of each step."""
+        from pipelines.paths import resolve_path, resolve_paths
+
+        self.workdir = resolve_path(self.workdir) or self.workdir
+        for name in ("web", "clean", "test"):
+            setattr(self, name, resolve_paths(getattr(self, name)))
+        for name in ("pretrain_config", "caption_config", "retrieval_config", "capfilt_config"):
+            setattr(self, name, _preset(getattr(self, name)))
+        return self
 
 
 def _preset(name: str) -> str:
-    p = Path(name)
-    return str(p if p.is_file() else CONFIG_DIR / name)
+    """A preset: a YAML file (relative to the working directory) made absolute, else a name in configs/."""
+    from pipelines.paths import resolve_preset
+
+    return resolve_preset(name, CONFIG_DIR)
 
 
 class Bootstrap:
     def __init__(self, cfg: BootstrapConfig, echo: Callable[[str], None] = print):
-        self.cfg = cfg
+        self.cfg = cfg.resolve_paths()
         self.dir = Path(cfg.workdir)
         self.echo = echo
         (self.dir / "_done").mkdir(parents=True, exist_ok=True)

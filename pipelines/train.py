@@ -118,8 +118,20 @@ class TrainSettings:
         if unknown:
             raise ValueError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         s = cls(**d)
+        s.resolve_paths()
         s.validate()
         return s
+
+    def resolve_paths(self) -> TrainSettings:
+        """Relative `data` / `output` / `init` / `tokenizer` -> absolute, here in the process that read them: Ray
+        Train workers do not run in the user's working directory. URLs and hub ids (`--init`) are kept."""
+        from pipelines.paths import resolve_path, resolve_paths
+
+        self.data = resolve_paths(self.data) or self.data
+        self.output = resolve_path(self.output) or self.output
+        self.init = resolve_path(self.init, hub=True)
+        self.tokenizer = resolve_path(self.tokenizer)
+        return self
 
     def validate(self) -> None:
         if self.task not in TASK_FAMILY:
@@ -655,6 +667,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     from pipelines.data import AugmentConfig, SkipCounter, build_train_dataset, count_tar_samples, list_tars
     from pipelines.data import TextConfig as DataTextConfig
 
+    s.resolve_paths()
     s.validate()
     if not s.output:
         raise ValueError("--output is required")

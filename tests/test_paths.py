@@ -1,0 +1,64 @@
+"""User paths are made absolute where configs and flags are read (Ray workers run in another directory)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_resolve_path_keeps_urls_and_hub_ids(tmp_path, monkeypatch):
+    from pipelines.paths import resolve_path, resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_path("runs/x") == str(tmp_path / "runs" / "x")
+    assert resolve_path("./a/b", hub=True) == str(tmp_path / "a" / "b")
+    assert resolve_path("~/m") == os.path.expanduser("~/m")
+    assert resolve_path("s3://bucket/shards") == "s3://bucket/shards"
+    assert resolve_path("gs://b/x", hub=True) == "gs://b/x"
+    assert resolve_path(None) is None and resolve_path("") == ""
+    # a hub id: exactly one "/", nothing of that name here
+    assert resolve_path("Salesforce/blip-itm-base-coco", hub=True) == "Salesforce/blip-itm-base-coco"
+    assert resolve_path("Salesforce/blip-itm-base-coco") == str(tmp_path / "Salesforce" / "blip-itm-base-coco")
+    assert resolve_path("ckpts/model_base.pth", hub=True) == str(tmp_path / "ckpts" / "model_base.pth")
+    assert resolve_path("a/b/c", hub=True) == str(tmp_path / "a" / "b" / "c")
+    assert resolve_path("bare", hub=True) == str(tmp_path / "bare")
+    (tmp_path / "Salesforce" / "blip-itm-base-coco").mkdir(parents=True)  # a local folder of that name wins
+    assert resolve_path("Salesforce/blip-itm-base-coco", hub=True) == str(
+        tmp_path / "Salesforce" / "blip-itm-base-coco"
+    )
+    # --data lists: every part, globs kept
+    got = resolve_paths("data/web, s3://b/clean ,shards/*.tar")
+    assert got == f"{tmp_path}/data/web,s3://b/clean,{tmp_path}/shards/*.tar"
+
+
+def test_train_settings_and_bootstrap_config_resolve_relative_paths(tmp_path, monkeypatch):
+    from pipelines.bootstrap import BootstrapConfig
+    from pipelines.train import TrainSettings
+
+    monkeypatch.chdir(tmp_path)
+    s = TrainSettings.from_yaml(
+        ROOT / "configs" / "pretrain_tiny.yaml", data="d1,s3://b/d2", output="out", init="ck", tokenizer="tok"
+    )
+    assert (s.data, s.output) == (f"{tmp_path}/d1,s3://b/d2", str(tmp_path / "out"))
+    assert (s.init, s.tokenizer) == (str(tmp_path / "ck"), str(tmp_path / "tok"))
+    s = TrainSettings.from_yaml(None, data="d", output="o", init="Salesforce/blip-image-captioning-base")
+    assert s.init == "Salesforce/blip-image-captioning-base"
+
+    (tmp_path / "my_pretrain.yaml").write_text("task: pretrain\n")
+    (tmp_path / "boot.yaml").write_text("workdir: runs/b\nweb: shards/web\npretrain_config: my_pretrain.yaml\n")
+    c = BootstrapConfig.from_yaml(tmp_path / "boot.yaml")
+    assert c.workdir == str(tmp_path / "runs" / "b") and c.web == str(tmp_path / "shards" / "web")
+    assert c.pretrain_config == str(tmp_path / "my_pretrain.yaml")  # a file here
+    assert c.caption_config == str(ROOT / "configs" / "finetune_caption_tiny.yaml")  # a name in configs/
+    assert BootstrapConfig.from_yaml(tmp_path / "boot.yaml", workdir="w2").workdir == str(tmp_path / "w2")
+
+
+@pytest.mark.parametrize("url", ["s3://bucket/x", "gs://b/y"])
+def test_urls_survive_settings(url):
+    from pipelines.train import TrainSettings
+
+    assert TrainSettings.from_yaml(None, data=url, output="o").data == url
