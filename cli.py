@@ -327,7 +327,7 @@ def score(
 @friendly_errors
 def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, image_size: int | None) -> None:
     """Convert SRC (original .pth, transformers folder or hub id) into our folder DST."""
-    from blip.load import convert_checkpoint
+    from blip.checkpoint import convert_checkpoint
 
     model = convert_checkpoint(src, dst, family=family, image_size=image_size, tokenizer_path=tokenizer_path)
     n = sum(p.numel() for p in model.parameters())

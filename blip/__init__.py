@@ -11,8 +11,12 @@ _EXPORTS = {
     "preprocess": "blip.image",
     "build_tokenizer": "blip.tokenizer",
     "write_vocab": "blip.tokenizer",
-    "load": "blip.load",
-    "save_pretrained": "blip.load",
+    "CheckpointError": "blip.checkpoint",
+    "resolve": "blip.checkpoint",
+    "read_config": "blip.checkpoint",
+    "load": "blip.checkpoint",
+    "save_pretrained": "blip.checkpoint",
+    "convert_checkpoint": "blip.checkpoint",
 }
 __all__ = list(_EXPORTS)
 
@@ -20,6 +24,6 @@ __all__ = list(_EXPORTS)
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         obj = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = obj  # importing blip.load bound the submodule to this name; the function wins
+        globals()[name] = obj
         return obj
     raise AttributeError(f"module 'blip' has no attribute {name!r}")

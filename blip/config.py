@@ -1,6 +1,9 @@
 """Model configuration: one dataclass per tower plus the top-level BlipConfig, with named presets.
 
 Defaults are the released BLIP checkpoints (ViT-B/16 at 384 px + BERT-base with cross-attention, `med_config.json`).
+The special token ids default to those checkpoints' (bert-base-uncased + [DEC] + [ENC]); whoever pairs a config with
+a tokenizer (`blip.load`, `blip.read_config`, training from scratch) overwrites them with `with_tokenizer`: the
+tokenizer is the authority for the ids, the weights for the vocabulary size.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ class TextConfig:
     layer_norm_eps: float = 1e-12
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
-    encoder_width: int = 768  # in-features of cross-attention key/value = vision width
+    encoder_width: int = 768  # cross-attention key/value in-features of the image-grounded towers = vision width
+    # special ids, from the tokenizer (these defaults: the released checkpoints' bert-base-uncased vocab)
     pad_token_id: int = 0
     cls_token_id: int = 101
     sep_token_id: int = 102
@@ -72,7 +76,7 @@ class BlipConfig:
             self.text = TextConfig(**self.text)
         self.image_mean = tuple(self.image_mean)
         self.image_std = tuple(self.image_std)
-        # cross-attention always reads the image tokens
+        # the image-grounded towers' cross-attention reads the image tokens (the VQA decoder: see `answer_decoder`)
         self.text.encoder_width = self.vision.width
         for name, w, h in (
             ("vision", self.vision.width, self.vision.heads),
@@ -80,6 +84,33 @@ class BlipConfig:
         ):
             if w % h:
                 raise ValueError(f"{name} width {w} is not divisible by its {h} heads")
+
+    @property
+    def answer_decoder(self) -> TextConfig:
+        """The VQA answer decoder's text config: it cross-attends the question encoder's states, so its
+        cross-attention in-features are the text width, not the vision width (they differ for ViT-L: 1024 vs 768)."""
+        return replace(self.text, encoder_width=self.text.hidden_size)
+
+    def with_tokenizer(self, tokenizer: Any) -> BlipConfig:
+        """A copy whose special ids (pad, [CLS], [SEP], [DEC] = bos, [ENC]) are the tokenizer's.
+
+        Raises ValueError when the tokenizer has more tokens than the vocabulary (the embedding rows) holds.
+        """
+        if len(tokenizer) > self.text.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {self.text.vocab_size}"
+            )
+        ids = {
+            "pad_token_id": tokenizer.pad_token_id,
+            "cls_token_id": tokenizer.cls_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "enc_token_id": getattr(tokenizer, "enc_token_id", None),
+        }
+        missing = [k for k, v in ids.items() if v is None]
+        if missing:
+            raise ValueError(f"the tokenizer has no {', '.join(missing)}")
+        return replace(self, vision=replace(self.vision), text=replace(self.text, **ids))
 
     @classmethod
     def from_name(cls, name: str, family: str = "caption", **overrides: Any) -> BlipConfig:

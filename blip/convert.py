@@ -155,17 +155,8 @@ def config_from_original(state_dict: dict[str, Tensor], family: str | None = Non
         mlp_ratio=sd["visual_encoder.blocks.0.mlp.fc1.weight"].shape[0] / width,
     )
     t = "text_encoder." if "text_encoder.embeddings.word_embeddings.weight" in sd else "text_decoder.bert."
-    words = sd[t + "embeddings.word_embeddings.weight"]  # (V, D)
+    words = sd[t + "embeddings.word_embeddings.weight"]  # (V, H): the vocabulary size comes from the weights
     layers = _count_layers(sd, t + "encoder.layer.")
-    cross_key = next(
-        (
-            sd[p + f"encoder.layer.{i}.crossattention.self.key.weight"]
-            for p in ("text_decoder.bert.", t)
-            for i in range(layers)
-            if p + f"encoder.layer.{i}.crossattention.self.key.weight" in sd
-        ),
-        None,
-    )
     text = TextConfig(
         vocab_size=words.shape[0],
         hidden_size=words.shape[1],
@@ -173,16 +164,41 @@ def config_from_original(state_dict: dict[str, Tensor], family: str | None = Non
         heads=words.shape[1] // 64,
         intermediate_size=sd[t + "encoder.layer.0.intermediate.dense.weight"].shape[0],
         max_position_embeddings=sd[t + "embeddings.position_embeddings.weight"].shape[0],
-        encoder_width=cross_key.shape[1] if cross_key is not None else width,
+        encoder_width=width,
     )
-    if text.encoder_width != width:
-        raise ValueError(f"cross-attention reads {text.encoder_width}-d image tokens but the ViT is {width} wide")
+    # cross-attention in-features: the image tokens (vision width) for the image-grounded towers; the question
+    # encoder's states (text width) for the VQA answer decoder
+    try:
+        own_family = detect_family(sd)
+    except ValueError:
+        own_family = family
+    for tower in ("text_encoder.", "text_decoder.bert."):
+        got = _cross_width(sd, tower, layers)
+        reads, want = (
+            ("question states", text.hidden_size)
+            if tower != "text_encoder." and own_family == "vqa"
+            else ("image tokens", width)
+        )
+        if got is not None and got != want:
+            raise ValueError(
+                f"{tower}*.crossattention reads {got}-d inputs, but its {reads} are {want}-d "
+                f"(vision width {width}, text width {text.hidden_size})"
+            )
     extra: dict[str, Any] = {}
     if "vision_proj.weight" in sd:
         extra["embed_dim"] = sd["vision_proj.weight"].shape[0]
     if "image_queue" in sd:
         extra["queue_size"] = sd["image_queue"].shape[1]  # (E, Q)
     return BlipConfig(family=family, vision=vision, text=text, **extra)
+
+
+def _cross_width(sd: dict[str, Tensor], prefix: str, layers: int) -> int | None:
+    """In-features of a text tower's cross-attention keys (None: the tower has none in this state dict)."""
+    for i in range(layers):
+        w = sd.get(f"{prefix}encoder.layer.{i}.crossattention.self.key.weight")
+        if w is not None:
+            return w.shape[1]
+    return None
 
 
 _HF_ARCH_FAMILY = {
@@ -264,6 +280,11 @@ def config_to_hf(cfg: BlipConfig) -> dict[str, Any]:
     if cfg.family not in _FAMILY_HF_ARCH:
         raise ValueError(f"transformers has no BLIP class for the {cfg.family!r} family")
     v, t = cfg.vision, cfg.text
+    if cfg.family == "vqa" and v.width != t.hidden_size:
+        raise ValueError(
+            f"transformers' BlipForQuestionAnswering builds its answer decoder's cross-attention at the vision width "
+            f"({v.width}), but the decoder reads the {t.hidden_size}-d question states: no transformers equivalent"
+        )
     return {
         "model_type": "blip",
         "architectures": [_FAMILY_HF_ARCH[cfg.family]],

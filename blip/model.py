@@ -408,6 +408,34 @@ class BlipBase(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.visual_encoder(pixel_values.to(self.dtype))  # (B, L, Dv)
 
+    @torch.no_grad()
+    def extract_features(
+        self, pixel_values: torch.Tensor | None = None, texts: list[str] | None = None, mode: str = "multimodal"
+    ) -> torch.Tensor:
+        """Last hidden states, as the original `blip_feature_extractor` (BLIP_Base.forward):
+
+        - "image": the ViT's tokens (B, L, Dv) ([CLS] first; `vision_proj` of token 0 is the ITC image embedding);
+        - "text": the unimodal text encoder, [CLS] first, no image (B, T, H);
+        - "multimodal": the image-grounded encoder, [ENC] first, cross-attending every image token (B, T, H).
+        Texts are padded to the longest of the batch (the original takes one text, or texts of equal length).
+        """
+        if mode not in ("image", "text", "multimodal"):
+            raise ValueError(f"mode must be 'image', 'text' or 'multimodal', got {mode!r}")
+        if mode != "text" and pixel_values is None:
+            raise ValueError(f"mode {mode!r} needs pixel_values")
+        if mode == "image":
+            return self.encode_image(pixel_values)
+        if texts is None:
+            raise ValueError(f"mode {mode!r} needs texts")
+        if not hasattr(self, "text_encoder"):
+            raise ValueError(f"a {self.config.family} model has no text encoder: {mode!r} features need a "
+                             "retrieval, pretrain or vqa model")  # fmt: skip
+        ids, mask = self.tokenize(texts, max_length=self.config.text.max_position_embeddings)
+        if mode == "text":
+            return self.text_encoder(ids, mask)[0]
+        ids[:, 0] = self.config.text.enc_token_id
+        return self.text_encoder(ids, mask, self.encode_image(pixel_values))[0]
+
 
 class CaptionMixin:
     """Captioning with `text_decoder` (BlipCaptioner, BlipPretrain)."""
@@ -503,27 +531,38 @@ class FilterMixin:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         cross_kv: list[KV] | None = None,
+        first_token: str = "enc",
     ) -> torch.Tensor:
-        """ITM logits (B, 2) of the image-grounded encoder; the first token becomes [ENC] as in training.
+        """ITM logits (B, 2) of the image-grounded encoder.
 
+        first_token: "enc" writes [ENC] first, as the retrieval checkpoints were trained (`blip_retrieval.py`);
+        "cls" keeps [CLS], as the original demo's `blip_itm.py` and the transformers port compute it.
         With precomputed `cross_kv` (one row per text) the image embeddings are not needed: pass None.
         """
         ids = input_ids.clone()
-        ids[:, 0] = self.config.text.enc_token_id
+        ids[:, 0] = self._first_token_id(first_token)
         h, _ = self.text_encoder(ids, attention_mask, image_embeds, cross_kv=cross_kv)
         return self.itm_head(h[:, 0])
 
+    def _first_token_id(self, first_token: str) -> int:
+        if first_token not in ("enc", "cls"):
+            raise ValueError(f"first_token must be 'enc' or 'cls', got {first_token!r}")
+        return self.config.text.enc_token_id if first_token == "enc" else self.config.text.cls_token_id
+
     @torch.no_grad()
     def score(
-        self, pixel_values: torch.Tensor, texts: list[list[str]], max_length: int = 35
+        self, pixel_values: torch.Tensor, texts: list[list[str]], max_length: int = 35, first_token: str = "enc"
     ) -> tuple[list[list[float]], list[list[float]]]:
-        """texts[i] scored against image i -> (ITM match probability, ITC cosine similarity), shaped like texts."""
+        """texts[i] scored against image i -> (ITM match probability, ITC cosine similarity), shaped like texts.
+
+        first_token: the ITM input's first token, "enc" (default, as trained) or "cls" (as `blip_itm.py`).
+        """
         image_embeds = self.encode_image(pixel_values)  # (B, L, Dv)
-        return self.score_embeds(image_embeds, texts, max_length)
+        return self.score_embeds(image_embeds, texts, max_length, first_token)
 
     @torch.no_grad()
     def score_embeds(
-        self, image_embeds: torch.Tensor, texts: list[list[str]], max_length: int = 35
+        self, image_embeds: torch.Tensor, texts: list[list[str]], max_length: int = 35, first_token: str = "enc"
     ) -> tuple[list[list[float]], list[list[float]]]:
         owner = [i for i, ts in enumerate(texts) for _ in ts]
         flat = [t for ts in texts for t in ts]
@@ -534,7 +573,7 @@ class FilterMixin:
         itc = (self.image_feat(image_embeds)[idx] * self.text_feat(ids, mask)).sum(-1)  # (M,)
         # cross-attention K/V once per image, then gathered per text
         cross = [(k[idx], v[idx]) for k, v in self.text_encoder.cross_kv(image_embeds)]
-        itm = self.itm_logits(None, ids, mask, cross_kv=cross).float().softmax(-1)[:, 1]  # (M,)
+        itm = self.itm_logits(None, ids, mask, cross, first_token).float().softmax(-1)[:, 1]  # (M,)
         itm_l, itc_l = itm.tolist(), itc.float().tolist()
         out_itm, out_itc, j = [], [], 0
         for ts in texts:
@@ -804,34 +843,58 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
 
 
 class BlipVQA(BlipBase):
-    """`blip_vqa`: question encoder (image-grounded, [ENC] first) + answer decoder; encoder and decoder are untied."""
+    """`blip_vqa`: question encoder (image-grounded, [ENC] first) + answer decoder; encoder and decoder are untied.
+
+    The answer decoder cross-attends the question encoder's states, so its cross-attention reads text-width inputs
+    (`config.answer_decoder`), not the image tokens.
+    """
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
         self.visual_encoder = VisionTransformer(config.vision)
         self.text_encoder = BertModel(config.text)
-        self.text_decoder = BertLMHeadModel(config.text, config.label_smoothing)
+        self.text_decoder = BertLMHeadModel(config.answer_decoder, config.label_smoothing)
         init_weights(self)
 
     def encode_question(self, pixel_values: torch.Tensor, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Question states (B, Tq, H) and the question mask (B, Tq); questions truncated to 35 tokens."""
         image_embeds = self.encode_image(pixel_values)
         ids, mask = self.tokenize(questions, max_length=35)
         ids[:, 0] = self.config.text.enc_token_id
         states, _ = self.text_encoder(ids, mask, image_embeds)  # (B, Tq, H)
         return states, mask
 
-    def forward(
-        self, pixel_values: torch.Tensor, questions: list[str], answers: list[str], weights: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Answer LM loss (one answer per question here; the original's multi-answer weights via `weights`)."""
-        states, q_mask = self.encode_question(pixel_values, questions)
-        ids, mask = self.tokenize(answers, max_length=35)
+    def _answer_ids(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[DEC]-first answer ids (A, Ta), mask, labels (pads -100); not truncated below the position limit."""
+        ids, mask = self.tokenize(answers, max_length=self.config.text.max_position_embeddings)
         ids[:, 0] = self.config.text.bos_token_id
-        labels = ids.masked_fill(ids == self.config.text.pad_token_id, -100)
-        logits, _ = self.text_decoder(ids, mask, states, q_mask)
-        loss = self.text_decoder.lm_loss(logits, labels, reduction="none")  # (B,)
+        return ids, mask, ids.masked_fill(ids == self.config.text.pad_token_id, -100)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        questions: list[str],
+        answers: list[str],
+        n: list[int] | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Answer LM loss in the original's layout: question i has `n[i]` answers, consecutive in `answers`, each with
+        its weight in `weights` (the original: each distinct annotator answer, weighted by its share). The loss is the
+        weighted sum of the per-answer (label-smoothed, summed over tokens) losses divided by the number of questions.
+        n=None: one answer per question; weights=None: weight 1 each.
+        """
+        n = [1] * len(questions) if n is None else list(n)
+        if len(n) != len(questions) or sum(n) != len(answers):
+            raise ValueError(f"{len(questions)} questions with n={n} answers each do not match {len(answers)} answers")
+        states, q_mask = self.encode_question(pixel_values, questions)
+        rows = torch.repeat_interleave(
+            torch.arange(len(n), device=states.device), torch.tensor(n, device=states.device)
+        )
+        ids, mask, labels = self._answer_ids(answers)
+        logits, _ = self.text_decoder(ids, mask, states[rows], q_mask[rows])
+        loss = self.text_decoder.lm_loss(logits, labels, reduction="none")  # (A,)
         if weights is not None:
-            loss = loss * weights
+            loss = loss * weights.to(loss)
         return loss.sum() / len(questions)
 
     @torch.no_grad()
@@ -842,8 +905,14 @@ class BlipVQA(BlipBase):
         num_beams: int = 3,
         max_length: int = 10,
         min_length: int = 1,
+        attend_question_padding: bool = False,
     ) -> list[str]:
-        """Generated answers (the original's `inference="generate"`): beam search from [DEC] on the question states."""
+        """Generated answers (the original's `inference="generate"`): beam search from [DEC] on the question states.
+
+        attend_question_padding: False (default) masks the padding of shorter questions in the batch; True lets the
+        decoder attend every question token, padding included, exactly as the original's generate mode (its ids then
+        depend on how long the other questions of the batch are).
+        """
         states, q_mask = self.encode_question(pixel_values, questions)
         bos = torch.full((states.shape[0], 1), self.config.text.bos_token_id, device=states.device)
         ids = _generate_ids(
@@ -856,9 +925,32 @@ class BlipVQA(BlipBase):
             num_beams=num_beams,
             max_length=max_length,
             min_length=min_length,
-            encoder_attention_mask=q_mask,
+            encoder_attention_mask=None if attend_question_padding else q_mask,
         )
         return [a.strip() for a in self._need_tokenizer().batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def rank_answers(
+        self, pixel_values: torch.Tensor, questions: list[str], answer_list: list[str], k: int = 128
+    ) -> list[int]:
+        """The original's `inference="rank"` (VQAv2 evaluation): for each question, the index in `answer_list` of the
+        best candidate. The k candidates whose first token is most probable after [DEC] are re-scored by their whole
+        log-likelihood (minus the summed label-smoothed LM loss, as the original); the highest wins.
+        """
+        if not answer_list:
+            raise ValueError("rank_answers needs a non-empty answer_list")
+        states, q_mask = self.encode_question(pixel_values, questions)  # (B, Tq, H)
+        B = states.shape[0]
+        ids, mask, labels = self._answer_ids(answer_list)  # (A, Ta)
+        k = min(k, len(answer_list))
+        first, _ = self.text_decoder(ids[:1, :1].expand(B, 1), None, states, q_mask)  # (B, 1, V)
+        first_prob = first[:, 0].float().softmax(-1)[:, ids[:, 1]]  # (B, A): P(first answer token | question)
+        top = first_prob.topk(k, dim=1).indices  # (B, k)
+        cand = top.flatten()  # (B * k,)
+        rows = torch.arange(B, device=states.device).repeat_interleave(k)
+        logits, _ = self.text_decoder(ids[cand], mask[cand], states[rows], q_mask[rows])
+        loglik = -self.text_decoder.lm_loss(logits, labels[cand], reduction="none").view(B, k)
+        return top.gather(1, loglik.argmax(1, keepdim=True)).squeeze(1).tolist()
 
 
 MODEL_CLASSES: dict[str, type[BlipBase]] = {
@@ -885,9 +977,9 @@ def init_weights(model: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-    for m in model.modules():  # the original ViT's position/cls init
-        if isinstance(m, VisionTransformer):
-            nn.init.trunc_normal_(m.pos_embed, std=0.02)
-            nn.init.trunc_normal_(m.cls_token, std=0.02)
+    for m in model.modules():  # the original ViT's position/cls init (0.02), scaled with the rest
+        if isinstance(m, VisionTransformer):  # else a from-scratch run at std 0.08 has next to no position signal
+            nn.init.trunc_normal_(m.pos_embed, std=std)
+            nn.init.trunc_normal_(m.cls_token, std=std)
     if isinstance(model, ContrastiveMixin) and hasattr(model, "visual_encoder_m"):
         model.copy_params()

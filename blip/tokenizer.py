@@ -1,8 +1,9 @@
 """BLIP tokenizer: `BertTokenizerFast` (bert-base-uncased layout) with `[DEC]` and `[ENC]` added.
 
 `build_tokenizer` does what the original `init_tokenizer` does: `[DEC]` becomes the bos token and `[ENC]` an additional
-special token, so on the 30522-line bert-base-uncased vocab they get ids 30522 and 30523. `write_vocab` writes an
-offline vocab with the same layout (the real special-token ids) for tests and demos, since nothing can be downloaded.
+special token, so on the 30522-line bert-base-uncased vocab they get ids 30522 and 30523 (on any other vocabulary:
+the next two ids, unless the vocab already has them). `write_vocab` writes an offline vocab with the bert layout (the
+real special-token ids) or a small one, for tests and demos, since nothing can be downloaded.
 Tokenization itself is always done by the `tokenizers` library, never by hand.
 """
 
@@ -52,17 +53,23 @@ def _pretokens(word: str) -> list[str]:
     return re.findall(r"\w+|[^\w\s]", word.lower())
 
 
-def write_vocab(directory: str | Path, extra_words: Iterable[str] = ()) -> Path:
-    """Write a 30522-line bert-base-uncased-layout vocab + tokenizer files into `directory`; return it.
+def write_vocab(directory: str | Path, extra_words: Iterable[str] = (), pad_to_bert: bool = True) -> Path:
+    """Write a vocab.txt + tokenizer files into `directory`; return it.
 
-    Layout as bert-base-uncased: [PAD] 0, [unused0..98] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103,
-    [unused99..] up to 998, then single characters, words (common English + `extra_words`), `##` pieces, and
-    `[unusedN]` filler (never matched: the pre-tokenizer splits on brackets) up to 30522 lines.
+    `pad_to_bert=True`: 30522 lines in the bert-base-uncased layout, so the special ids are the released checkpoints'
+    ([PAD] 0, [unused0..98] 1-99, [UNK] 100, [CLS] 101, [SEP] 102, [MASK] 103, [unused99..] up to 998, then single
+    characters, words (common English + `extra_words`), `##` pieces, and `[unusedN]` filler up to 30522 lines; the
+    filler is never matched: the pre-tokenizer splits on brackets).
+    `pad_to_bert=False`: a small vocabulary of just those tokens, [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4 first;
+    [DEC] and [ENC] then get the ids len(vocab) and len(vocab) + 1 (a model built on it is that much smaller).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    head = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    head += [f"[unused{i}]" for i in range(99, 99 + 999 - len(head))]  # ids 104..998
+    if pad_to_bert:
+        head = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        head += [f"[unused{i}]" for i in range(99, 99 + 999 - len(head))]  # ids 104..998
+    else:
+        head = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]  # punctuation, digits, a-z
     words = COMMON_WORDS.split() + [p for w in extra_words for p in _pretokens(str(w))]
     pieces = ["##" + c for c in chars if c.isalnum()] + ["##" + s for s in COMMON_SUFFIXES.split()]
@@ -70,7 +77,7 @@ def write_vocab(directory: str | Path, extra_words: Iterable[str] = ()) -> Path:
     if len(vocab) > BERT_VOCAB_SIZE:
         raise ValueError(f"vocab has {len(vocab)} entries, more than the {BERT_VOCAB_SIZE} of bert-base-uncased")
     n = 999
-    while len(vocab) < BERT_VOCAB_SIZE:
+    while pad_to_bert and len(vocab) < BERT_VOCAB_SIZE:
         vocab.append(f"[unused{n}]")
         n += 1
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")

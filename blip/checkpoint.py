@@ -1,7 +1,12 @@
 """Load any BLIP checkpoint into our model, in a fixed order (as open_clip's factory):
 
-read safely -> detect the format by sentinel keys / files -> rename -> resize position embeddings -> strict load
--> attach the tokenizer -> eval().to(device, dtype).
+resolve (path or hub id) -> read safely -> detect the format by sentinel keys / files -> rename -> read the tokenizer
+and take the special ids from it -> resize position embeddings -> strict load -> eval().to(device, dtype).
+
+The public surface (also exported as `blip.<name>`): `resolve`, `read_config`, `load`, `save_pretrained`,
+`convert_checkpoint`, `CheckpointError`. Everything that loads a checkpoint (inference, training, evaluation) goes
+through `load`; `read_config` is the cheap check before any work (the config and the tokenizer, no weights where the
+format allows).
 
 Formats: an original Salesforce `.pth` (`{"model": sd}` or a bare state dict), a transformers folder
 (BlipForConditionalGeneration / BlipForImageTextRetrieval / BlipForQuestionAnswering; safetensors or .bin, sharded
@@ -12,8 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +88,11 @@ def _read_folder_weights(folder: Path) -> dict[str, Tensor]:
     raise CheckpointError(f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)}")
 
 
-def _resolve(path_or_id: str | os.PathLike[str]) -> Path:
-    """A local path, or a hub id resolved through huggingface_hub (HF_HUB_OFFLINE honoured)."""
+def resolve(path_or_id: str | os.PathLike[str]) -> Path:
+    """A local path, or a hub id resolved through huggingface_hub (HF_HUB_OFFLINE honoured) -> a local path.
+
+    Raises FileNotFoundError for a path-like string that does not exist, CheckpointError for an unreachable hub id.
+    """
     path = Path(path_or_id).expanduser()
     if path.exists():
         return path
@@ -120,7 +127,7 @@ def read_checkpoint(path: Path, family: str | None = None) -> tuple[BlipConfig, 
             raise CheckpointError(f"{path} has no config.json: expected our folder, a transformers folder or one .pth")
         cfg_json = json.loads(cfg_file.read_text())
         sd = _read_folder_weights(path)
-        if cfg_json.get("format") == FORMAT_TAG or ("vision" in cfg_json and "family" in cfg_json):
+        if _is_ours(cfg_json):
             cfg = BlipConfig.from_dict(cfg_json)
             return (cfg if family is None else _with_family(cfg, family)), sd, "capfilt"
         if cfg_json.get("model_type") == "blip" or "vision_config" in cfg_json:
@@ -151,9 +158,7 @@ def _hf_to_original(sd: dict[str, Tensor], path: Path) -> dict[str, Tensor]:
 
 
 def _with_family(cfg: BlipConfig, family: str) -> BlipConfig:
-    d = cfg.to_dict()
-    d["family"] = family
-    return BlipConfig.from_dict(d)
+    return replace(cfg, family=family, vision=replace(cfg.vision), text=replace(cfg.text))
 
 
 # -- strict load ------------------------------------------------------------------------------------------------------
@@ -225,9 +230,64 @@ def _find_tokenizer(path: Path, tokenizer_path: str | os.PathLike[str] | None) -
             return cand
     raise CheckpointError(
         f"no tokenizer for {path}: pass tokenizer_path= / --tokenizer (a folder with tokenizer files or a BERT "
-        f"vocab.txt), "
-        f"or put vocab.txt / tokenizer.json next to the checkpoint"
+        f"vocab.txt), or put vocab.txt / tokenizer.json next to the checkpoint"
     )
+
+
+def _fit_tokenizer(
+    cfg: BlipConfig, path: Path, tokenizer_path: str | os.PathLike[str] | None
+) -> tuple[BlipConfig, Any]:
+    """(config with the tokenizer's special ids, tokenizer); one CheckpointError naming both when they do not fit."""
+    where = _find_tokenizer(path, tokenizer_path)
+    try:
+        tok = build_tokenizer(where)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"tokenizer {where} for {path}: {e}") from None
+    try:
+        return cfg.with_tokenizer(tok), tok
+    except ValueError as e:
+        raise CheckpointError(
+            f"tokenizer {where} does not fit checkpoint {path}: {e} (the tokenizer has ids the embedding lacks)"
+        ) from None
+
+
+def _is_ours(cfg_json: dict[str, Any]) -> bool:
+    return cfg_json.get("format") == FORMAT_TAG or ("vision" in cfg_json and "family" in cfg_json)
+
+
+def read_config(
+    path_or_id: str | os.PathLike[str],
+    tokenizer_path: str | os.PathLike[str] | None = None,
+    family: str | None = None,
+) -> BlipConfig:
+    """The BlipConfig `load` would build, with the special ids of the checkpoint's tokenizer, checked against it.
+
+    Reads no weights for our folders and transformers folders (their config.json); a bare `.pth` is read whole, since
+    its sizes come from the weights' shapes. Raises CheckpointError (a ValueError) with a one-line message when the
+    checkpoint or its tokenizer is unreadable or they do not fit, FileNotFoundError for a missing path.
+    """
+    path = resolve(path_or_id)
+    cfg_file = path / "config.json"
+    if path.is_dir() and cfg_file.is_file():
+        try:
+            cfg_json = json.loads(cfg_file.read_text())
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_file} is not JSON: {e}") from None
+        if not any((path / f).is_file() for f in WEIGHT_FILES):
+            raise CheckpointError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
+        try:
+            if _is_ours(cfg_json):
+                cfg = BlipConfig.from_dict(cfg_json)
+                cfg = cfg if family is None else _with_family(cfg, family)
+            elif cfg_json.get("model_type") == "blip" or "vision_config" in cfg_json:
+                cfg = config_from_hf(cfg_json, family)
+            else:
+                raise ValueError("neither our config (family, vision, text) nor a transformers BLIP config")
+        except (TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
+    else:
+        cfg = read_checkpoint(path, family)[0]
+    return _fit_tokenizer(cfg, path, tokenizer_path)[0]
 
 
 def load(
@@ -237,41 +297,40 @@ def load(
     dtype: torch.dtype = torch.float32,
     image_size: int | None = None,
     tokenizer_path: str | os.PathLike[str] | None = None,
+    keep_training_state: bool = False,
 ) -> nn.Module:
     """Load a BLIP model (BlipCaptioner | BlipRetrieval | BlipPretrain | BlipVQA) with `.config` and `.tokenizer`.
 
     family: build this family instead of the checkpoint's (e.g. "caption" from a pretraining checkpoint).
     image_size: run at this resolution; position embeddings are interpolated bicubically when it differs.
-    tokenizer_path: for a bare `.pth` without tokenizer files next to it.
+    tokenizer_path: the tokenizer, when none lies next to the checkpoint; it decides the special ids either way.
+    keep_training_state: keep the momentum encoders and queues a retrieval checkpoint carries (fine-tuning, resuming
+      training) instead of dropping them (inference); pretraining models always have them.
     """
-    from blip.model import MODEL_CLASSES
+    from blip.model import MODEL_CLASSES, BlipRetrieval
 
-    path = _resolve(path_or_id)
+    path = resolve(path_or_id)
     cfg, sd, fmt = read_checkpoint(path, family)
+    cfg, tok = _fit_tokenizer(cfg, path, tokenizer_path)
     if image_size is not None and image_size != cfg.vision.image_size:
-        cfg = BlipConfig.from_dict({**cfg.to_dict(), "vision": {**cfg.to_dict()["vision"], "image_size": image_size}})
+        cfg = replace(cfg, vision=replace(cfg.vision, image_size=image_size))
     num_patches = cfg.vision.num_patches
     for key in ("visual_encoder.pos_embed", "visual_encoder_m.pos_embed"):
         if key in sd and sd[key].shape[1] != num_patches + 1:
             sd[key] = interpolate_pos_embed(sd[key], num_patches)
-    model = MODEL_CLASSES[cfg.family](cfg)
+    if cfg.family == "retrieval" and keep_training_state and any(k.startswith("visual_encoder_m.") for k in sd):
+        model = BlipRetrieval(cfg, momentum=True)
+    else:
+        model = MODEL_CLASSES[cfg.family](cfg)
     load_state_dict_checked(
         model, sd, str(path), family_overridden=family is not None, from_transformers=fmt == "transformers"
     )
-    tok = build_tokenizer(_find_tokenizer(path, tokenizer_path))
-    if len(tok) > cfg.text.vocab_size:
-        raise CheckpointError(f"tokenizer has {len(tok)} tokens but the model's vocabulary is {cfg.text.vocab_size}")
-    if (tok.bos_token_id, tok.enc_token_id) != (cfg.text.bos_token_id, cfg.text.enc_token_id):
-        raise CheckpointError(
-            f"tokenizer ids [DEC]={tok.bos_token_id} [ENC]={tok.enc_token_id} differ from the model's "
-            f"{cfg.text.bos_token_id}/{cfg.text.enc_token_id}"
-        )
     model.tokenizer = tok
     return model.eval().to(device=device, dtype=dtype)
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
-    """Our folder: config.json + model.safetensors (each shared storage once) + tokenizer files."""
+    """Our folder: config.json (special ids included) + model.safetensors (each shared storage once) + tokenizer."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -286,20 +345,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     return directory
 
 
-__all__ = ["CheckpointError", "convert_checkpoint", "load", "read_checkpoint", "save_pretrained"]
-
-
-class _CallableModule(types.ModuleType):
-    """`import blip.load` binds this module to `blip.load`, shadowing the function of the same name; calling the
-    module calls the function, so `blip.load(path)` works whatever was imported first."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> nn.Module:
-        return load(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
-
-
 def convert_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -311,3 +356,14 @@ def convert_checkpoint(
     model = load(src, family=family, image_size=image_size, tokenizer_path=tokenizer_path)
     save_pretrained(model, dst)
     return model
+
+
+__all__ = [
+    "CheckpointError",
+    "convert_checkpoint",
+    "load",
+    "read_checkpoint",
+    "read_config",
+    "resolve",
+    "save_pretrained",
+]
