@@ -23,7 +23,7 @@ def _tiny_models(root: Path) -> tuple[str, str]:
     import torch
 
     from blip.config import BlipConfig
-    from blip.load import save_pretrained
+    from blip import save_pretrained
     from blip.model import MODEL_CLASSES, init_weights
     from blip.tokenizer import build_tokenizer, write_vocab
     from capfilt.synth import VOCAB_WORDS

@@ -22,7 +22,7 @@ def eval_data(tmp_path_factory):
 
 def _save(tmp_path, family, vocab):
     from blip.config import BlipConfig
-    from blip.load import save_pretrained
+    from blip import save_pretrained
     from blip.model import MODEL_CLASSES, init_weights
     from blip.tokenizer import build_tokenizer
 

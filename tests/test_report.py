@@ -60,7 +60,7 @@ def _median_web_itm(input_dir: Path, cap: torch.nn.Module, filt: torch.nn.Module
 @pytest.fixture(scope="module")
 def run_output(tiny_vocab_dir, tmp_path_factory) -> dict:
     """A real `capfilt run` (Ray Data, tiny random models) over 2 synthetic shards, 1 hostile shard and 1 cut tar."""
-    from blip.load import save_pretrained
+    from blip import save_pretrained
     from pipelines.run import load_config, run_capfilt
 
     root = tmp_path_factory.mktemp("report")

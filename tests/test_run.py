@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from blip.config import BlipConfig
-from blip.load import save_pretrained
+from blip import save_pretrained
 from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
 from capfilt.synth import make_bad_corpus, write_corpus, write_truncated_shard

@@ -139,7 +139,7 @@ def pretrained(corpus, tiny_vocab_dir, tmp_path_factory):
 
 @pytest.mark.slow
 def test_pretrain_one_worker_lowers_every_loss(pretrained):
-    from blip.load import load
+    from blip import load
 
     out, summary = pretrained
     assert summary["final_step"] == 30 and summary["world_size"] == 1
@@ -158,7 +158,7 @@ def test_finetuned_captioner_and_filter_load_in_capfilt(pretrained, corpus, tmp_
     import torch
 
     from blip.image import preprocess
-    from blip.load import load
+    from blip import load
     from capfilt.stages import CapFiltStage
     from pipelines.train import TrainSettings, train
 
