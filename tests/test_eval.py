@@ -21,8 +21,8 @@ def eval_data(tmp_path_factory):
 
 
 def _save(tmp_path, family, vocab):
-    from blip.config import BlipConfig
     from blip import save_pretrained
+    from blip.config import BlipConfig
     from blip.model import MODEL_CLASSES, init_weights
     from blip.tokenizer import build_tokenizer
 

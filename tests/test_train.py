@@ -157,8 +157,8 @@ def test_pretrain_one_worker_lowers_every_loss(pretrained):
 def test_finetuned_captioner_and_filter_load_in_capfilt(pretrained, corpus, tmp_path):
     import torch
 
-    from blip.image import preprocess
     from blip import load
+    from blip.image import preprocess
     from capfilt.stages import CapFiltStage
     from pipelines.train import TrainSettings, train
 
