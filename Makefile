@@ -3,13 +3,29 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup browser lint format test test-fast demo
+TORCH := 2.13.0
 
-# torch first and pinned: an unpinned torch requirement would resolve to a multi-GB CUDA build
+.PHONY: setup lock browser lint format test test-fast demo
+
+# torch first and pinned: an unpinned torch requirement would resolve to a multi-GB CUDA build;
+# everything else at the versions in constraints.txt (the set CI passed with; `make lock` regenerates it)
 setup:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install torch==$(TORCH)
+	$(BIN)/pip install -c constraints.txt -e '.[dev]'
+
+# upgrade the pins: resolve the newest versions pyproject.toml allows in a scratch venv, write them to
+# constraints.txt (torch and capfilt itself left out); then `make setup test` and commit constraints.txt
+lock:
+	set -e; d=$$(mktemp -d); trap 'rm -rf "$$d"' EXIT; \
+	$(PYTHON) -m venv "$$d"; \
+	"$$d/bin/pip" install torch==$(TORCH); \
+	"$$d/bin/pip" install -e '.[dev]'; \
+	{ echo "# The versions a fresh \`make setup\` installs (pip install -c constraints.txt -e '.[dev]'): the set CI passed with."; \
+	  echo "# torch is pinned in the Makefile (TORCH), capfilt itself is the editable install. Regenerate with \`make lock\`."; \
+	  "$$d/bin/pip" freeze --exclude-editable | grep -v -i '^torch=='; } > "$$d/constraints.txt"; \
+	mv "$$d/constraints.txt" constraints.txt
+	@echo "wrote constraints.txt; now run: make setup test"
 
 # headless Chromium (Debian's package) renders the HTML report in tests/test_report.py; installing it needs root
 browser:
