@@ -22,8 +22,8 @@ import numpy as np
 def _tiny_models(root: Path) -> tuple[str, str]:
     import torch
 
-    from blip.config import BlipConfig
     from blip import save_pretrained
+    from blip.config import BlipConfig
     from blip.model import MODEL_CLASSES, init_weights
     from blip.tokenizer import build_tokenizer, write_vocab
     from capfilt.synth import VOCAB_WORDS
@@ -45,7 +45,7 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
 
     from capfilt.decode import DecodeStage
     from capfilt.stages import CapFiltStage
-    from pipelines.io import list_shards, read_shard
+    from pipelines.io import ShardReader, list_shards
 
     stage = CapFiltStage(
         cfg.captioner, cfg.filter, num_captions=cfg.num_captions, top_p=cfg.top_p, max_length=cfg.max_length,
@@ -57,7 +57,7 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
         torch.set_num_threads(max(1, int(cfg.actor_cpus)))  # the same threads as one CPU actor
     decode = DecodeStage(image_size=stage.image_size, image_column="image", fallback_columns=())
     decode.setup()
-    rows = [r for s in list_shards(corpus) for t in read_shard(s) for r in t.to_pylist() if r["kind"] == "sample"]
+    rows = [r for s in list_shards(corpus) for r in ShardReader(s)]
     batch = decode({k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "image", "caption")})
     n = len(rows)
     stage({k: v[: min(2, n)] for k, v in batch.items()})  # warm-up (kernels, allocator)

@@ -139,6 +139,26 @@ def decode_image(
     return decode_image_with_size(data, image_size, max_pixels)[0]
 
 
+def decode_or_error(
+    data: Any, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray | None, str, str, int, int]:
+    """One sample, never raising: (pixels or None, status "ok" | "decode_error", error message, width, height)."""
+    try:
+        pixels, width, height = decode_image_with_size(data, image_size, max_pixels)
+        return pixels, "ok", "", width, height
+    except DecodeError as e:
+        return None, "decode_error", str(e), e.width, e.height
+    except Exception as e:  # noqa: BLE001 - a bug here must still not lose the sample
+        return None, "decode_error", f"unexpected {type(e).__name__}: {e}", 0, 0
+
+
+def allow_max_pixels(max_pixels: int) -> None:
+    """PIL raises DecompressionBombError on its own above 2 x MAX_IMAGE_PIXELS; let our cap be the one that rules."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.init()  # register every plugin once, not lazily inside the first decode
+
+
 @dataclass
 class DecodeStage:
     """Batch stage: adds `pixels` (B, S, S, 3) uint8, `status`, `error`, `width`, `height`; keeps every column.
@@ -155,10 +175,7 @@ class DecodeStage:
     def setup(self) -> None:
         if self.image_size < 1:
             raise ValueError(f"image_size must be >= 1, got {self.image_size}")
-        # PIL raises DecompressionBombError on its own above 2 x MAX_IMAGE_PIXELS; let our cap be the one that rules.
-        if Image.MAX_IMAGE_PIXELS is not None and self.max_pixels > Image.MAX_IMAGE_PIXELS:
-            Image.MAX_IMAGE_PIXELS = self.max_pixels
-        Image.init()  # register every plugin once, not lazily inside the first decode
+        allow_max_pixels(self.max_pixels)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = _batch_len(batch)
@@ -173,14 +190,12 @@ class DecodeStage:
             values = [batch[c][i] for c in columns]
             # first non-empty image; else whatever is there (b"" gives "empty image", None gives "no image bytes")
             data = next((v for v in values if _present(v)), next((v for v in values if v is not None), None))
-            try:
-                if data is None and not columns:
-                    raise DecodeError(f"no image column {self.image_column!r} (columns: {sorted(batch)})")
-                pixels[i], width[i], height[i] = decode_image_with_size(data, s, self.max_pixels)
-            except DecodeError as e:
-                status[i], error[i], width[i], height[i] = "decode_error", str(e), e.width, e.height
-            except Exception as e:  # noqa: BLE001 - a bug here must still not lose the sample
-                status[i], error[i] = "decode_error", f"unexpected {type(e).__name__}: {e}"
+            if data is None and not columns:
+                status[i], error[i] = "decode_error", f"no image column {self.image_column!r} (columns: {sorted(batch)})"
+                continue
+            px, status[i], error[i], width[i], height[i] = decode_or_error(data, s, self.max_pixels)
+            if px is not None:
+                pixels[i] = px
         out = dict(batch)
         out.update(pixels=pixels, status=status, error=error, width=width, height=height)
         return out

@@ -1,7 +1,6 @@
 """CapFilt stages on in-memory batches (dicts of arrays / lists): plain classes with `setup()` + `__call__(batch)`.
 
-`DecodeStage` (image bytes -> uint8 pixels or a `decode_error` row) lives in capfilt/decode.py and is re-exported
-here. `CapFiltStage` holds the captioner and the filter on one device and, per batch: N synthetic captions by nucleus
+`DecodeStage` (image bytes -> uint8 pixels or a `decode_error` row) lives in capfilt/decode.py. `CapFiltStage` holds the captioner and the filter on one device and, per batch: N synthetic captions by nucleus
 sampling (one torch.Generator per sample, seeded from (seed, key), so reruns, retries and a different batch
 composition give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
 each synthetic caption; a text is kept when its ITM probability >= threshold, a sample when any text is kept.
@@ -11,7 +10,7 @@ No Ray in here: pipelines/run.py adapts these classes to Ray Data.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -19,11 +18,6 @@ import torch
 import torch.nn.functional as F
 
 from blip.image import normalize
-
-try:  # written by another engineer; the pipeline imports it from here
-    from capfilt.decode import DecodeStage  # noqa: F401
-except ImportError:  # pragma: no cover - only while capfilt/decode.py has not landed
-    pass
 
 # Columns CapFiltStage adds to each row (the input columns, minus `pixels`, pass through).
 RESULT_COLUMNS = (
@@ -69,9 +63,11 @@ def _web_text(t: Any) -> str | None:
 
 
 @dataclass
-class CapFiltStage:
-    captioner: str  # checkpoint path or hub id (blip.load)
-    filter: str
+class CapFiltSettings:
+    """What CapFilt does to a sample: declared once, embedded by `capfilt run`'s RunConfig (pipelines/run.py)."""
+
+    captioner: str = "Salesforce/blip-image-captioning-large"  # checkpoint path or hub id (blip.load)
+    filter: str = "Salesforce/blip-itm-large-coco"
     num_captions: int = 1
     top_p: float = 0.9
     max_length: int = 20  # counts the prompt tokens, as the original
@@ -79,10 +75,38 @@ class CapFiltStage:
     repetition_penalty: float = 1.1  # the original's nucleus path hard-codes 1.1
     threshold: float = 0.5
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = "auto"  # bfloat16 on GPU, float32 on CPU
     batch_size: int = 32  # images per forward pass; larger batches are processed in chunks
     seed: int = 0
     text_max_length: int = 35  # filter tokenisation, as the original retrieval code
+
+    def validate(self) -> None:
+        checks = [
+            (self.num_captions >= 0, f"num_captions must be >= 0, got {self.num_captions}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (
+                0 <= self.min_length < self.max_length,
+                f"need 0 <= min_length < max_length, got {self.min_length}, {self.max_length}",
+            ),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.text_max_length >= 2, f"text_max_length must be >= 2, got {self.text_max_length}"),
+            (self.dtype in ("auto", *_DTYPES), f"unknown dtype {self.dtype!r}; expected auto or one of {sorted(_DTYPES)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    def stage_settings(self) -> dict[str, Any]:
+        """Just the CapFiltSettings fields (of a subclass such as RunConfig), as CapFiltStage keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in fields(CapFiltSettings)}
+
+
+@dataclass
+class CapFiltStage(CapFiltSettings):
+    """Captioner + filter on one device; `__call__` maps a decoded batch to result rows (see the module docstring)."""
+
     cap_model: Any = field(default=None, repr=False)
     filt_model: Any = field(default=None, repr=False)
 
@@ -95,10 +119,7 @@ class CapFiltStage:
 
     def setup(self) -> None:
         """Load both models onto ONE device, so an image crosses to it once."""
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.num_captions < 0:
-            raise ValueError(f"num_captions must be >= 0, got {self.num_captions}")
+        self.validate()
         self._device = resolve_device(self.device)
         self._dtype = resolve_dtype(self.dtype, self._device)
         if self.cap_model is None or self.filt_model is None:

@@ -19,13 +19,10 @@ from capfilt.metrics import caption_scores, rerank, retrieval_recall
 
 
 def load_model(path: str, device: str = "cpu") -> torch.nn.Module:
-    """Our folders (incl. training checkpoints) via the training loader, anything else through blip.load."""
-    from pipelines.train import _load_any
+    """Anything `blip.load` reads (training checkpoints included: their momentum encoders and queues are dropped)."""
+    import blip
 
-    model = _load_any(path)
-    if model.tokenizer is None:
-        raise ValueError(f"{path} carries no tokenizer; evaluation needs one")
-    return model.to(device).eval()
+    return blip.load(path, device=device)
 
 
 def read_eval_set(data: str, image_size: int, max_samples: int | None = None) -> dict[str, Any]:

@@ -1,24 +1,25 @@
 """Shard I/O for `capfilt run`: find img2dataset shards, read them as raw bytes, write per-shard outputs atomically.
 
-Nothing here starts Ray: every function works on one shard, so it is tested on its own and runs under any executor.
+Nothing here starts Ray: every function works on one shard, so it is tested on its own and runs under any executor
+(pipelines/worker.py calls it inside the CapFilt actors).
 
-Reading yields pyarrow tables with a fixed schema (`READ_SCHEMA`) so blocks from different shards always concatenate,
-followed by one end-of-shard marker row (`kind="eos"`, `idx` = number of samples, `note` = why reading stopped early,
-if it did). The marker travels through the pipeline to the writer, which commits a shard once it has seen the marker
-and every sample index below it.
+`ShardReader` yields one dict per sample (`READ_FIELDS`) and, once exhausted, says whether the shard was read to its
+end (`error` is None) or why it stopped early; the samples read before the damage are still yielded.
+`ShardWriter` streams a shard's kept samples into its tar and holds its (small) parquet rows; `commit()` writes the
+parquet, then `_state/{shard}.json` last: a shard is done iff its state file says so.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
 import re
 import tarfile
 import time
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -31,19 +32,16 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
-READ_SCHEMA = pa.schema(
-    [
-        ("kind", pa.string()),  # "sample" | "eos"
-        ("shard", pa.string()),
-        ("idx", pa.int64()),  # position in the shard; for "eos": the shard's sample count
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("caption", pa.string()),  # web text (img2dataset .txt / caption column); null when missing
-        ("image", pa.binary()),  # original encoded bytes; null when missing
-        ("image_ext", pa.string()),
-        ("json", pa.string()),  # img2dataset metadata (and the synthetic ground truth), as JSON text
-        ("note", pa.string()),  # read problem: for samples a caption/metadata note, for "eos" why the shard ended early
-    ]
+READ_FIELDS = (
+    "shard",
+    "idx",  # position in the shard
+    "key",
+    "url",
+    "caption",  # web text (img2dataset .txt / caption column); None when missing
+    "image",  # original encoded bytes; None when missing
+    "image_ext",
+    "json",  # img2dataset metadata (and the synthetic ground truth), as JSON text
+    "note",  # a read problem with this sample's text or metadata (non-UTF-8 caption, bad .json)
 )
 
 
@@ -108,6 +106,7 @@ def _names(paths: list[str]) -> list[str]:
 
 
 def _sample_row(shard: str, idx: int, key: str, files: dict[str, bytes]) -> dict[str, Any]:
+    """A sample's tar members (by extension) -> a READ_FIELDS row; problems with its text become a `note`."""
     image_ext = next((e for e in IMAGE_EXTS if e in files), None)
     caption, note = None, None
     if "txt" in files:
@@ -126,7 +125,6 @@ def _sample_row(shard: str, idx: int, key: str, files: dict[str, bytes]) -> dict
         except ValueError:
             note = (note + "; " if note else "") + "metadata .json is not valid JSON"
     return {
-        "kind": "sample",
         "shard": shard,
         "idx": idx,
         "key": key,
@@ -139,11 +137,7 @@ def _sample_row(shard: str, idx: int, key: str, files: dict[str, bytes]) -> dict
     }
 
 
-def _eos_row(shard: str, n: int, error: str | None) -> dict[str, Any]:
-    return {"kind": "eos", "shard": shard, "idx": n, "note": error}
-
-
-def _iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group consecutive tar members by webdataset key; streaming (`r|`), so S3 is read once, front to back.
 
     A tar cut exactly at a member boundary reads like a complete one to `tarfile`; an uncompressed tar of known `size`
@@ -172,30 +166,30 @@ def _iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, di
         yield key, files
 
 
-def read_shard(
-    shard: Shard, storage_options: dict[str, Any] | None = None, rows_per_block: int = 64
-) -> Iterator[pa.Table]:
-    """One shard -> tables of `READ_SCHEMA` rows, then the end-of-shard marker. Never raises for bad data.
+class ShardReader:
+    """One shard -> its samples as READ_FIELDS dicts, in order. Never raises for bad data.
 
-    A tar that is cut short or not a tar still gives every sample read before the damage, and the marker carries the
-    reason, so the job reports the shard as failed while every other shard completes.
+    A tar that is cut short or not a tar still gives every sample read before the damage; afterwards `error` holds
+    the reason (None when the shard was read to its end), so the job reports the shard as failed with its readable
+    samples written, while every other shard completes.
     """
-    rows: list[dict[str, Any]] = []
-    n, error = 0, None
-    try:
-        fs, path = _fs_and_path(shard.path, storage_options)
-        with fs.open(path, "rb") as f:
-            samples = _iter_tar_samples(f, fs.size(path)) if shard.format == "tar" else _iter_parquet_samples(f)
-            for key, files in samples:
-                rows.append(_sample_row(shard.name, n, key, files))
-                n += 1
-                if len(rows) >= rows_per_block:
-                    yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
-                    rows = []
-    except Exception as e:  # noqa: BLE001 - any reader failure is this shard's failure, reported in the summary
-        error = f"{type(e).__name__}: {e} (after {n} samples)"
-    rows.append(_eos_row(shard.name, n, error))
-    yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+
+    def __init__(self, shard: Shard, storage_options: dict[str, Any] | None = None) -> None:
+        self.shard, self.storage_options = shard, storage_options
+        self.count = 0
+        self.error: str | None = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        try:
+            fs, path = _fs_and_path(self.shard.path, self.storage_options)
+            with fs.open(path, "rb") as f:
+                tar = self.shard.format == "tar"
+                samples = iter_tar_samples(f, fs.size(path)) if tar else _iter_parquet_samples(f)
+                for key, files in samples:
+                    yield _sample_row(self.shard.name, self.count, key, files)
+                    self.count += 1
+        except Exception as e:  # noqa: BLE001 - any reader failure is this shard's failure, reported in the summary
+            self.error = f"{type(e).__name__}: {e} (after {self.count} samples)"
 
 
 _PARQUET_IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp", "image", "bytes")
@@ -244,12 +238,18 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def tmp_path(path: str) -> str:
-    """Temporary name next to `path`; the leading dot hides it from pyarrow's dataset discovery."""
-    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.tmp")
+    """A temporary name next to `path`, unique per writer (two attempts of one shard never share one); the leading
+    dot hides it from pyarrow's dataset discovery, and `clean_tmp` removes what a killed run left."""
+    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
 
 
 class AtomicFile:
-    """Write to a temporary name, then rename on commit (local); on object stores the object appears on close."""
+    """A file that appears under its name only on `commit()`, complete.
+
+    Local: written to a temporary name, renamed on commit. Object stores (S3, GCS): written to the final key, which
+    the store shows only once the upload completes on close; `abort()` discards the upload (a multipart upload that
+    a SIGKILL left behind is removed by `clean_tmp` on the rerun).
+    """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
         self.fs, self.path = fs, path
@@ -266,26 +266,26 @@ class AtomicFile:
 
     def abort(self) -> None:
         try:
-            self.f.close()
             if self.local:
+                self.f.close()
                 os.remove(self.write_path)
-        except OSError:
+            elif hasattr(self.f, "discard"):  # fsspec buffered files: drop the buffer / abort the multipart upload
+                self.f.discard()
+        except Exception:  # noqa: BLE001 - best effort on the way out; the rerun cleans up
             pass
 
 
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     af = AtomicFile(fs, path)
-    af.f.write(data)
+    try:
+        af.f.write(data)
+    except BaseException:
+        af.abort()
+        raise
     af.commit()
 
 
-def _tar_add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: same rows -> same bytes
-    tf.addfile(info, io.BytesIO(data))
-
-
-# Per-sample parquet columns (the output contract; see docs/_readme_run.md)
+# Per-sample parquet columns: the output contract (README, "capfilt run")
 OUT_COLUMNS = [
     "key",
     "url",
@@ -329,41 +329,28 @@ HIST_BINS = 200  # summary histograms: ITM over [0, 1], ITC over [-1, 1]
 HIST_RANGES = {"web_itm": (0.0, 1.0), "synthetic_itm": (0.0, 1.0), "web_itc": (-1.0, 1.0), "synthetic_itc": (-1.0, 1.0)}
 
 
-@dataclass
 class ShardWriter:
-    """Collects one shard's result rows (in any order, duplicates from retries dropped) and commits it atomically.
+    """One shard's outputs, written by the worker that computes them, rows in sample order.
 
-    Kept samples stream into the shard's tar as they arrive (so image bytes are never held for a whole shard);
-    the parquet rows (small) are held and written sorted by sample index at commit. The state file written last is
-    the commit point: a shard is done iff `_state/{shard}.json` says so.
+    Kept samples stream into `tars/{shard}.tar` as they come (webdataset's TarWriter, fixed mtime: the same rows give
+    the same bytes), so image bytes are never held for a whole shard; the parquet rows (small) are held and written
+    at commit. `commit()` writes the parquet, then the state file `_state/{shard}.json` last: the commit point.
     """
 
-    fs: fsspec.AbstractFileSystem
-    root: str  # output folder, protocol stripped
-    shard: str
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    seen: set[int] = field(default_factory=set)
-    expected: int | None = None
-    read_error: str | None = None
-    duplicates: int = 0
-    started: float = field(default_factory=time.time)
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, shard: str) -> None:
+        import webdataset as wds
 
-    def __post_init__(self) -> None:
-        self.tar_file = AtomicFile(self.fs, posixpath.join(self.root, "tars", f"{self.shard}.tar"))
-        self.tar = tarfile.open(fileobj=self.tar_file.f, mode="w|", format=tarfile.USTAR_FORMAT)
+        self.fs, self.root, self.shard = fs, root, shard
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.tar_file = AtomicFile(fs, posixpath.join(root, "tars", f"{shard}.tar"))
+        self.sink = _Sink(self.tar_file.f)
+        self.tar = wds.TarWriter(self.sink, encoder=False, mtime=0.0, mode=0o644, user="", group="")
 
     def add(self, row: dict[str, Any]) -> None:
-        if row["kind"] == "eos":
-            self.expected, self.read_error = int(row["idx"]), row.get("note")
-            return
-        if row["idx"] in self.seen:  # a retried block: the same rows again (deterministic), keep the first
-            self.duplicates += 1
-            return
-        self.seen.add(row["idx"])
+        """A result row (OUT_COLUMNS + `image`/`image_ext` bytes for kept samples)."""
         if row["kept"]:
             key = row["key"]
-            _tar_add(self.tar, f"{key}.{row.get('image_ext') or 'jpg'}", row["image"])
-            _tar_add(self.tar, f"{key}.txt", "\n".join(row["kept_texts"]).encode("utf-8"))
             meta = {
                 "key": key,
                 "url": row.get("url"),
@@ -374,34 +361,56 @@ class ShardWriter:
                 "synthetic_itm": list(row["synthetic_itm"] or []),
                 "source_shard": self.shard,
             }
-            _tar_add(self.tar, f"{key}.json", json.dumps(meta).encode("utf-8"))
+            self.tar.write(
+                {
+                    "__key__": key,
+                    row.get("image_ext") or "jpg": row["image"],
+                    "txt": "\n".join(row["kept_texts"]).encode("utf-8"),
+                    "json": json.dumps(meta).encode("utf-8"),
+                }
+            )
         self.rows.append({c: row.get(c) for c in OUT_COLUMNS})
 
-    @property
-    def complete(self) -> bool:
-        return self.expected is not None and len(self.seen) >= self.expected
-
-    def commit(self) -> dict[str, Any]:
-        """Write parquet, close the tar, then the state file. Returns the shard's stats."""
-        self.rows.sort(key=lambda r: r["idx"])
-        table = pa.Table.from_pylist(self.rows, schema=OUT_SCHEMA)
-        pq_file = AtomicFile(self.fs, posixpath.join(self.root, "parquet", f"{self.shard}.parquet"))
-        pq.write_table(table, pq_file.f)
+    def commit(self, read_error: str | None = None) -> dict[str, Any]:
+        """Close the tar, write the parquet, then the state file. Returns the shard's stats (its state record)."""
         self.tar.close()
-        pq_file.commit()
         self.tar_file.commit()
-        stats = shard_stats(self.rows, self.shard, self.read_error)
-        stats["duplicates_dropped"] = self.duplicates
+        write_parquet_atomic(self.fs, posixpath.join(self.root, "parquet", f"{self.shard}.parquet"), self.rows)
+        stats = shard_stats(self.rows, self.shard, read_error)
         stats["seconds"] = round(time.time() - self.started, 3)
         write_bytes_atomic(self.fs, state_path(self.root, self.shard), json.dumps(stats).encode("utf-8"))
         return stats
 
     def abort(self) -> None:
-        try:
-            self.tar.close()
-        except Exception:  # noqa: BLE001 - best effort on the way out
-            pass
+        self.sink.dead = True  # the tar stream's own close (or its __del__) must not write into a dropped file
         self.tar_file.abort()
+
+
+class _Sink:
+    """The file a TarWriter writes to, cut off on abort."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.dead = f, False
+
+    def write(self, data: bytes) -> int:
+        return len(data) if self.dead else self.f.write(data)
+
+
+def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, rows: list[dict[str, Any]]) -> None:
+    af = AtomicFile(fs, path)
+    try:
+        pq.write_table(pa.Table.from_pylist(rows, schema=OUT_SCHEMA), af.f)
+    except BaseException:
+        af.abort()
+        raise
+    af.commit()
+
+
+def write_failed_state(fs: fsspec.AbstractFileSystem, root: str, shard: str, error: str) -> dict[str, Any]:
+    """A shard that could not be processed at all: its state says failed (and why), so a rerun retries it."""
+    record = {"shard": shard, "state": "failed", "error": error, "in": 0}
+    write_bytes_atomic(fs, state_path(root, shard), json.dumps(record).encode("utf-8"))
+    return record
 
 
 def state_path(root: str, shard: str) -> str:
@@ -443,28 +452,45 @@ def shard_stats(rows: list[dict[str, Any]], shard: str, read_error: str | None) 
     }
 
 
-def read_states(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
-    """Every committed shard's stats, by shard name."""
-    out: dict[str, dict[str, Any]] = {}
+def iter_states(fs: fsspec.AbstractFileSystem, root: str, chunk: int = 256) -> Iterator[dict[str, Any]]:
+    """Every shard's state record under `root/_state`, fetched `chunk` at a time (concurrently on object stores)."""
     state_dir = posixpath.join(root, "_state")
     if not fs.isdir(state_dir):
-        return out
-    for p in fs.ls(state_dir, detail=False):
-        base = posixpath.basename(p)
-        if base.endswith(".json") and not base.startswith("."):
-            with fs.open(p, "rb") as f:
-                s = json.load(f)
-            out[s["shard"]] = s
-    return out
-
-
-def clean_tmp(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    """Remove temporaries left by a killed run (local output only; object stores never show partial objects)."""
-    if not _is_local(fs):
         return
-    for sub in ("parquet", "tars", "_state"):
-        d = posixpath.join(root, sub)
-        if fs.isdir(d):
-            for p in fs.ls(d, detail=False):
-                if posixpath.basename(p).startswith(".") and p.endswith(".tmp"):
-                    fs.rm(p)
+    paths = [
+        p
+        for p in fs.ls(state_dir, detail=False)
+        if posixpath.basename(p).endswith(".json") and not posixpath.basename(p).startswith(".")
+    ]
+    for i in range(0, len(paths), chunk):
+        part = paths[i : i + chunk]
+        got = fs.cat(part)
+        for p in part:
+            yield json.loads(got[p])
+
+
+def read_states(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, Any]]:
+    """Every shard's state record, by shard name."""
+    return {s["shard"]: s for s in iter_states(fs, root)}
+
+
+def clean_tmp(fs: fsspec.AbstractFileSystem, root: str) -> int:
+    """Remove what a killed run left: local temporaries, or the incomplete multipart uploads under `root` on S3
+    (never visible as objects, but billed). Call it before any worker writes; returns how many were removed."""
+    removed = 0
+    if _is_local(fs):
+        for sub in ("parquet", "tars", "_state", ""):
+            d = posixpath.join(root, sub) if sub else root
+            if fs.isdir(d):
+                for p in fs.ls(d, detail=False):
+                    if posixpath.basename(p).startswith(".") and p.endswith(".tmp"):
+                        fs.rm(p)
+                        removed += 1
+        return removed
+    if hasattr(fs, "list_multipart_uploads"):  # s3fs
+        bucket, _, prefix = root.partition("/")
+        for up in fs.list_multipart_uploads(bucket):
+            if up["Key"].startswith(prefix.rstrip("/") + "/"):
+                fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                removed += 1
+    return removed

@@ -250,18 +250,17 @@ def _images_from_input(
     input: str, shard: str, keys: set[str], storage_options: dict[str, Any] | None, shard_index: dict[str, Any]
 ) -> tuple[dict[str, bytes], str | None]:
     """Image bytes of `keys` from the input shard the run named `shard` (img2dataset tar or parquet)."""
-    from pipelines.io import read_shard
+    from pipelines.io import ShardReader
 
     src = shard_index.get(shard)
     if src is None:
         return {}, f"input shard {shard!r} not found under {input!r}"
     out: dict[str, bytes] = {}
-    for table in read_shard(src, storage_options):
-        for k, img, kind in zip(table["key"].to_pylist(), table["image"].to_pylist(), table["kind"].to_pylist()):
-            if kind == "sample" and k in keys and img is not None:
-                out[k] = img
-        if len(out) == len(keys):
-            break
+    for row in ShardReader(src, storage_options):
+        if row["key"] in keys and row["image"] is not None:
+            out[row["key"]] = row["image"]
+            if len(out) == len(keys):
+                break
     return out, None if len(out) == len(keys) else f"not found in input shard {src.path!r}"
 
 

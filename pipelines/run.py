@@ -1,103 +1,72 @@
-"""`capfilt run`: CapFilt over img2dataset shards as one Ray Data streaming job, exactly-once at shard granularity.
+"""`capfilt run`: CapFilt over img2dataset shards on Ray; workers write their shards, the driver only schedules.
 
-    shards (done ones skipped) -> read + decode (CPU tasks, one streaming task per shard)
-        -> CapFiltStage (a fixed pool of actors: one per GPU, or CPU actors) -> driver: per-shard writers
+    driver: list shards, check both models, skip done shards  --(one shard descriptor per call)-->
+    a fixed pool of CapFilt actors (one per GPU, or CPU actors), each: read + decode threads -> model batches ->
+        parquet + tar of the shard -> `_state/{shard}.json` last (the commit point)  --(one small record)--> driver
 
-Why this shape: the GPU actors must stay a fixed pool fed in full batches, so the samples of all shards stream
-through one Ray Data pipeline (Ray Data does the batching, backpressure, actor restarts and task retries). Output
-must be per input shard with deterministic names, and resumable: each read task ends its shard with a marker row
-(`kind="eos"`, the sample count); the driver routes result rows to one `ShardWriter` per open shard, drops the
-duplicates a retry can produce (by sample index), and commits a shard once its marker and every index below it
-arrived: parquet and tar renamed into place, then `_state/{shard}.json` written last as the commit point.
-A rerun skips the shards whose state says done and recomputes (overwrites) the rest; captions are seeded per
-sample key, so recomputed rows equal the lost ones.
+The unit of work is one input shard (as img2dataset's distributor): the driver hands shard descriptors to the
+actors, at most `shards_per_actor` in flight each (two: the next shard's read and decode hide behind the current
+one's model work), and gets back one record per shard (counts + score histograms, a few kB). No sample ever passes
+through the driver or the object store, so the driver costs the same per shard whatever the shard size and however
+many GPUs there are.
+
+Faults: an actor that dies (crash, OOM kill, its node lost) is replaced and each shard it held goes back to the
+queue for any actor; a shard whose processing raises is retried too; after `retries` more attempts it is reported
+failed. Output names are per input shard and deterministic, captions are seeded per sample key, so a retried shard
+rewrites identical bytes; a shard is done iff its state file says so, and a rerun skips done shards.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import pickle
 import posixpath
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fsspec
-import numpy as np
-import pyarrow as pa
-import yaml
 
-from pipelines.io import (
-    HIST_BINS,
-    HIST_RANGES,
-    OUT_SCHEMA,
-    Shard,
-    ShardWriter,
-    clean_tmp,
-    list_shards,
-    read_shard,
-    read_states,
-    write_bytes_atomic,
-)
+from capfilt.stages import CapFiltSettings
+from pipelines.io import Shard, clean_tmp, iter_states, list_shards, write_failed_state
+from pipelines.settings import CONFIG_DIR, load_settings
+from pipelines.summary import SummaryBuilder, format_summary, write_summary
+from pipelines.worker import ShardProcessor, WorkerSettings
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "capfilt.yaml"
-CRASH_ONCE_ENV = "CAPFILT_TEST_CRASH_ONCE"  # test hook: path of a marker file; the first actor batch exits the process
-
-# What the CapFilt actors send back to the driver: the output row, plus the image bytes of kept samples.
-RESULT_SCHEMA = OUT_SCHEMA.append(pa.field("kind", pa.string()))
-RESULT_SCHEMA = RESULT_SCHEMA.append(pa.field("image", pa.binary())).append(pa.field("image_ext", pa.string()))
-RESULT_SCHEMA = RESULT_SCHEMA.append(pa.field("note", pa.string()))
-
+DEFAULT_CONFIG = CONFIG_DIR / "capfilt.yaml"
 
 # ------------------------------------------------------------------------------------------------ configuration
 
 
 @dataclass
-class RunConfig:
+class RunConfig(CapFiltSettings):
+    """`capfilt run` settings: what CapFilt computes (CapFiltSettings, inherited) + where and how the job runs."""
+
     input: str = ""
     output: str = ""
-    captioner: str = "Salesforce/blip-image-captioning-large"
-    filter: str = "Salesforce/blip-itm-large-coco"
-    num_captions: int = 1
-    top_p: float = 0.9
-    max_length: int = 20
-    min_length: int = 5
-    repetition_penalty: float = 1.1
-    threshold: float = 0.5
-    seed: int = 0
-    batch_size: int = 32  # images per CapFilt actor call
     actors: int | None = None  # None: one per GPU in the cluster, or one CPU actor when there is none
-    actor_cpus: float = 1.0  # CPUs per CPU actor (also torch threads); GPU actors take 1 GPU + 1 CPU
-    actor_restarts: int = 3  # an actor that dies mid-batch is restarted and the batch retried, this many times
-    device: str = "auto"
-    dtype: str = "auto"  # bfloat16 on GPU, float32 on CPU
+    actor_cpus: float = 1.0  # CPU actors: CPUs reserved per actor (also its torch threads)
+    decode_threads: int | None = None  # per actor; None: 4 on a GPU actor (which reserves them as CPUs), 1 on CPU
+    shards_per_actor: int = 2  # shard calls in flight per actor (the next one's read/decode overlaps the model)
+    prefetch_batches: int = 3  # decoded batches queued ahead of the model, per shard call
+    retries: int = 3  # a shard whose actor died or whose processing raised is retried this many times
     max_pixels: int = 89_478_485  # decompression-bomb cap (PIL's default)
-    read_block_rows: int = 64  # samples per block out of a read task (decoded together)
     address: str | None = None  # Ray cluster address ("auto"); None: start Ray in this process
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for input and output (s3 endpoint)
-    progress: bool = True  # Ray Data progress bars + one line per committed shard
-    test_crash_once: str | None = None  # test hook (also env CAPFILT_TEST_CRASH_ONCE)
+    progress: bool = True  # a progress bar (shards, samples/s) and a line per failed shard
 
     def validate(self) -> None:
+        super().validate()
         checks = [
-            (self.num_captions >= 0, f"num_captions must be >= 0, got {self.num_captions}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.actors is None or self.actors >= 1, f"actors must be >= 1, got {self.actors}"),
             (self.actor_cpus > 0, f"actor_cpus must be > 0, got {self.actor_cpus}"),
-            (self.actor_restarts >= 1, f"actor_restarts must be >= 1, got {self.actor_restarts}"),
-            (
-                0 <= self.min_length < self.max_length,
-                f"need 0 <= min_length < max_length, got {self.min_length}, {self.max_length}",
-            ),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.decode_threads is None or self.decode_threads >= 1, "decode_threads must be >= 1"),
+            (self.shards_per_actor >= 1, f"shards_per_actor must be >= 1, got {self.shards_per_actor}"),
+            (self.prefetch_batches >= 1, f"prefetch_batches must be >= 1, got {self.prefetch_batches}"),
+            (self.retries >= 0, f"retries must be >= 0, got {self.retries}"),
             (self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}"),
-            (self.read_block_rows >= 1, f"read_block_rows must be >= 1, got {self.read_block_rows}"),
-            (self.dtype in ("auto", "float32", "bfloat16", "float16"), f"unknown dtype {self.dtype!r}"),
             (isinstance(self.storage_options, dict), "storage_options must be a mapping"),
             (bool(self.input), "no --input given"),
             (bool(self.output), "no --output given"),
@@ -107,48 +76,25 @@ class RunConfig:
                 raise ValueError(msg)
 
 
-def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> RunConfig:
-    """YAML preset (default configs/capfilt.yaml) + overrides (CLI flags; None means "not given") -> RunConfig."""
-    data: dict[str, Any] = {}
-    p = Path(path) if path is not None else DEFAULT_CONFIG
-    if path is not None or p.exists():
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
-    known = {f.name for f in fields(RunConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{p}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    if os.environ.get(CRASH_ONCE_ENV) and not data.get("test_crash_once"):
-        data["test_crash_once"] = os.environ[CRASH_ONCE_ENV]
-    try:
-        cfg = RunConfig(**data)
-    except TypeError as e:
-        raise ValueError(f"bad configuration: {e}") from None
-    cfg.validate()
-    return cfg
+def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """YAML preset (default configs/capfilt.yaml) + overrides (CLI flags; None means "not given") -> RunConfig.
+
+    Local paths (input, output, model folders) become absolute here: the actors' working directory is not ours."""
+    return load_settings(
+        RunConfig,
+        path if path is not None else DEFAULT_CONFIG,
+        overrides,
+        paths=("input", "output"),
+        specs=("captioner", "filter"),
+    )
 
 
 def model_config(spec: str, role: str) -> Any:
-    """Resolve a checkpoint (path or hub id) and read its BlipConfig without loading weights where possible."""
-    from blip.config import BlipConfig
-    from blip.convert import config_from_hf
-    from blip.load import FORMAT_TAG, _resolve, read_checkpoint
+    """Read a checkpoint's BlipConfig (special ids from its tokenizer) and check the family, before Ray starts."""
+    import blip
 
     try:
-        path = _resolve(spec)
-        cfg_file = path / "config.json" if path.is_dir() else None
-        if cfg_file is not None and cfg_file.is_file():
-            d = json.loads(cfg_file.read_text())
-            if d.get("format") == FORMAT_TAG or ("vision" in d and "family" in d):
-                cfg = BlipConfig.from_dict(d)
-            else:
-                cfg = config_from_hf(d, None)
-        else:
-            cfg = read_checkpoint(path)[0]  # a bare .pth: sizes come from the weights' shapes
+        cfg = blip.read_config(spec)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{role} {spec!r}: {e}") from None
     allowed = {"captioner": ("caption", "pretrain"), "filter": ("retrieval", "pretrain")}[role]
@@ -157,133 +103,45 @@ def model_config(spec: str, role: str) -> Any:
     return cfg
 
 
-# ------------------------------------------------------------------------------------------------ Ray Data stages
+# ------------------------------------------------------------------------------------------------ the Ray actor
 
 
-def _read_decode_shards(
-    batch: dict[str, np.ndarray], storage_options: dict[str, Any], rows_per_block: int, image_size: int, max_pixels: int
-) -> Iterator[pa.Table]:
-    """Ray Data task UDF, one shard per task: read the shard block by block and decode each block as it comes
-    (bounded memory), ending with the shard's marker. One UDF rather than two map_batches, so Ray Data never
-    bundles several shards into one task (a later batch_size would make it wait for that many rows)."""
-    from capfilt.decode import DecodeStage
+class CapFiltWorker:
+    """The Ray actor around a ShardProcessor (models loaded once per actor); threaded: shard calls overlap."""
 
-    stage = DecodeStage(image_size=image_size, max_pixels=max_pixels, image_column="image", fallback_columns=())
-    stage.setup()
-    for path, name, fmt in zip(batch["path"], batch["name"], batch["format"]):
-        for table in read_shard(Shard(str(path), str(name), str(fmt)), storage_options, rows_per_block):
-            yield _decode(stage, table)
+    def __init__(self, processor_cls: type, stage_settings: dict[str, Any], settings: WorkerSettings) -> None:
+        self.processor = processor_cls(stage_settings, settings)
+        self.processor.setup()
 
+    def ready(self) -> str:
+        import ray
 
-def _decode(stage: Any, table: pa.Table) -> pa.Table:
-    """DecodeStage over a block of READ_SCHEMA rows: adds `pixels` (B, S, S, 3) uint8, `status`, `error`, as a
-    typed Arrow table (from a dict of numpy arrays Ray Data would turn an all-None string column into NaNs).
-    Markers get a decode_error too; the actor passes them through untouched."""
-    from ray.data.extensions import ArrowTensorArray
+        return ray.get_runtime_context().get_node_id()
 
-    out = stage({name: np.array(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
-    cols = {name: table.column(name) for name in table.column_names}
-    cols["status"] = pa.array([str(v) for v in out["status"]], type=pa.string())
-    cols["error"] = pa.array([_str(v) or None for v in out["error"]], type=pa.string())
-    cols["pixels"] = ArrowTensorArray.from_numpy(out["pixels"])  # (B, S, S, 3) uint8
-    return pa.table(cols)
+    def process(self, shard: Shard) -> dict[str, Any]:
+        return self.processor(shard)
+
+    def heartbeat(self) -> int:
+        return self.processor.processed
 
 
-def _value(v: Any) -> Any:
-    """A numpy scalar / NaN-for-missing from a batch -> a plain Python value or None."""
-    if v is None or (isinstance(v, float | np.floating) and np.isnan(v)):
-        return None
-    return v.item() if isinstance(v, np.generic) else v
-
-
-class CapFiltActor:
-    """Ray Data actor UDF around CapFiltStage: models loaded once per actor; returns `RESULT_SCHEMA` tables."""
-
-    def __init__(self, stage_kwargs: dict[str, Any], threads: int | None, crash_once: str | None) -> None:
-        import torch
-
-        from capfilt.stages import CapFiltStage
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.crash_once = crash_once
-        self.stage = CapFiltStage(**stage_kwargs)
-        self.stage.setup()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.crash_once and not os.path.exists(self.crash_once):
-            Path(self.crash_once).write_text(f"crashed pid {os.getpid()}\n")
-            os._exit(1)  # the test's actor death mid-batch: Ray restarts the actor and retries this batch
-        kinds = [str(k) for k in batch["kind"]]
-        sample = np.array([k == "sample" for k in kinds])
-        n = len(kinds)
-        result: dict[str, list[Any]] = {}
-        if sample.any():
-            result = self.stage({k: v[sample] for k, v in batch.items()})
-        rows = []
-        j = 0
-        for i in range(n):
-            base = {"kind": kinds[i], "shard": str(batch["shard"][i]), "idx": int(batch["idx"][i])}
-            note = _str(batch["note"][i])
-            if not sample[i]:
-                rows.append({**base, "note": note})
-                continue
-            r = {c: result[c][j] for c in result}
-            j += 1
-            err = _str(r.get("error")) or None
-            kept = bool(r["kept"])
-            rows.append(
-                {
-                    **base,
-                    "key": _str(r["key"]),
-                    "url": _str(r["url"]),
-                    "caption": _str(r["caption"]),
-                    "synthetic_captions": list(r["synthetic_captions"]),
-                    "web_itm": r["web_itm"],
-                    "web_itc": r["web_itc"],
-                    "synthetic_itm": list(r["synthetic_itm"]),
-                    "synthetic_itc": list(r["synthetic_itc"]),
-                    "kept_texts": list(r["kept_texts"]),
-                    "kept": kept,
-                    "reason": r["reason"],
-                    "status": str(r["status"]),
-                    # a decode error wins; else a read note (non-UTF-8 caption, bad .json) stays visible
-                    "error": err or note,
-                    "json": _str(r["json"]),
-                    "image": _as_bytes(r["image"]) if kept else None,  # only kept images travel to the writer
-                    "image_ext": _str(r["image_ext"]),
-                    "note": None,
-                }
-            )
-        return pa.Table.from_pylist(rows, schema=RESULT_SCHEMA)
-
-
-def _str(v: Any) -> str | None:
-    """numpy batches turn missing strings into None or NaN: both become None."""
-    v = _value(v)
-    return None if v is None else str(v)
-
-
-def _as_bytes(v: Any) -> bytes | None:
-    v = _value(v)
-    if v is None:
-        return None
-    return v.tobytes() if isinstance(v, np.ndarray) else bytes(v)
+@dataclass
+class _Actor:
+    handle: Any
+    node: str
+    inflight: set = field(default_factory=set)
+    heartbeat: Any = None  # the pending heartbeat call
+    processed: int = 0  # its last heartbeat
 
 
 # ------------------------------------------------------------------------------------------------ the job
 
 
-def _cluster_gpus() -> int:
-    import ray
-
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
-def run_capfilt(cfg: RunConfig, echo: Any = None) -> dict[str, Any]:
+def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardProcessor) -> dict[str, Any]:
     """Run (or resume) the job. Returns the summary dict; `summary["failed_shards"]` non-empty means exit non-zero.
 
-    Everything that can be checked without Ray is checked first: input shards, output folder, both models.
+    Everything that can be checked without Ray is checked first: input shards, output folder, both models (with
+    their tokenizers). `processor_cls` is the per-actor worker (a ShardProcessor subclass in fault tests).
     """
     import ray
 
@@ -298,259 +156,200 @@ def run_capfilt(cfg: RunConfig, echo: Any = None) -> dict[str, Any]:
     root = root.rstrip("/")
     for sub in ("parquet", "tars", "_state"):
         out_fs.makedirs(posixpath.join(root, sub), exist_ok=True)
-    clean_tmp(out_fs, root)
-    states = read_states(out_fs, root)
+    clean_tmp(out_fs, root)  # before any worker writes: what is left now is a killed run's
+    states = {s["shard"]: s for s in iter_states(out_fs, root)}
     todo = [s for s in shards if states.get(s.name, {}).get("state") != "done"]
     skipped = len(shards) - len(todo)
     echo(f"capfilt run: {len(shards)} shards ({skipped} already done, {len(todo)} to do) -> {cfg.output}")
 
     t0 = time.time()
-    n_rows = 0
+    driver: dict[str, Any] = {"records": 0, "record_bytes": 0, "heartbeats": 0, "cpu_seconds": 0.0}
+    driver.update(retries=0, workers_lost=0)
     if todo:
         started_ray = False
         if not ray.is_initialized():
             ray.init(address=cfg.address, log_to_driver=cfg.progress, include_dashboard=False)
             started_ray = True
         try:
-            n_rows = _execute(cfg, todo, image_size, out_fs, root, echo)
+            for rec in _schedule(cfg, todo, image_size, out_fs, root, echo, processor_cls, driver):
+                states[rec["shard"]] = rec
         finally:
             if started_ray:
                 ray.shutdown()
     elapsed = time.time() - t0
-    summary = build_summary(cfg, shards, read_states(out_fs, root), out_fs, root, skipped, elapsed, n_rows)
+
+    builder = SummaryBuilder()
+    for s in shards:
+        builder.add(s.name, s.path, states.get(s.name))
+    n_rows = sum(int(states[s.name].get("in", 0)) for s in todo if s.name in states)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "storage_options")}
+    head = {"input": cfg.input, "output": cfg.output, "captioner": cfg.captioner, "filter": cfg.filter}
+    summary = builder.build(
+        {**head, "settings": settings, "shards_skipped": skipped},
+        {
+            "seconds": round(elapsed, 2),
+            "rows_this_run": n_rows,
+            "rows_per_second": round(n_rows / elapsed, 2) if elapsed > 0 and n_rows else None,
+            "driver": driver,
+        },
+    )
+    write_summary(out_fs, root, summary, cfg.threshold)
     echo(format_summary(summary))
     return summary
 
 
-def _execute(cfg: RunConfig, todo: list[Shard], image_size: int, out_fs: Any, root: str, echo: Any) -> int:
-    """The Ray Data pipeline; the driver commits shards as they complete. Returns the number of rows written."""
+def _pool_shape(cfg: RunConfig) -> tuple[int, str, dict[str, Any], int]:
+    """(actors, device, Ray resources per actor, decode threads per actor) for the cluster we are connected to."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = cfg.progress
-    # Rows reach the driver in input order, so shards complete (and commit) one after another while the job runs:
-    # a killed job loses at most the shards in flight, and few writers are open at once. Ray Data keeps working
-    # ahead within its backpressure budget, so a slow block delays output, not the actors.
-    ctx.execution_options.preserve_order = True
-    gpus = _cluster_gpus() if cfg.device in ("auto", "cuda") else 0
-    n_actors = cfg.actors or max(gpus, 1)
+    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device in ("auto", "cuda") else 0
     device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
-    actor_res: dict[str, Any] = (
-        {"num_gpus": 1, "num_cpus": 1} if device.startswith("cuda") else {"num_cpus": cfg.actor_cpus}
-    )
-    stage_kwargs = {
-        "captioner": cfg.captioner,
-        "filter": cfg.filter,
-        "num_captions": cfg.num_captions,
-        "top_p": cfg.top_p,
-        "max_length": cfg.max_length,
-        "min_length": cfg.min_length,
-        "repetition_penalty": cfg.repetition_penalty,
-        "threshold": cfg.threshold,
-        "device": device,
-        "dtype": cfg.dtype,
-        "batch_size": cfg.batch_size,
-        "seed": cfg.seed,
-    }
-    threads = None if device.startswith("cuda") else max(1, int(cfg.actor_cpus))
-    items = [{"path": s.path, "name": s.name, "format": s.format} for s in todo]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        _read_decode_shards,
-        fn_kwargs={
-            "storage_options": cfg.storage_options,
-            "rows_per_block": cfg.read_block_rows,
-            "image_size": image_size,
-            "max_pixels": cfg.max_pixels,
-        },
-        batch_size=1,
-        batch_format="numpy",
-    )
-    ds = ds.map_batches(
-        CapFiltActor,
-        fn_constructor_kwargs={"stage_kwargs": stage_kwargs, "threads": threads, "crash_once": cfg.test_crash_once},
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        concurrency=n_actors,
-        # bounded: an actor that dies on every batch (a poison sample, OOM) must end the job, not loop forever.
-        # (Distinct remote args also keep Ray Data from fusing the CPU read/decode tasks into the model actors.)
-        max_restarts=cfg.actor_restarts,
-        max_task_retries=cfg.actor_restarts,
-        **actor_res,
-    )
-    writers: dict[str, ShardWriter] = {}
-    n_rows = 0
-    try:
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in table.to_pylist():
-                name = row["shard"]
-                w = writers.get(name)
-                if w is None:
-                    w = writers[name] = ShardWriter(out_fs, root, name)
-                w.add(row)
-                if w.complete:
-                    stats = w.commit()
-                    del writers[name]
-                    n_rows += stats["in"]
-                    if cfg.progress:
-                        state = "FAILED: " + str(stats["error"]) if stats["error"] else "done"
-                        echo(
-                            f"  shard {name}: {stats['in']} in, {stats['kept']} kept, {stats['decode_errors']} decode errors ({state})"
-                        )
-    finally:
-        for w in writers.values():
-            w.abort()
-    for name, w in writers.items():  # the stream ended but a shard is short of rows: never commit it as done
-        msg = f"incomplete: {len(w.seen)} of {w.expected} rows arrived"
-        write_bytes_atomic(
-            out_fs,
-            posixpath.join(root, "_state", f"{name}.json"),
-            json.dumps({"shard": name, "state": "failed", "error": msg, "in": 0}).encode(),
-        )
-    return n_rows
+    on_gpu = device.startswith("cuda")
+    threads = cfg.decode_threads or (4 if on_gpu else 1)
+    # a GPU actor reserves its decode cores on the GPU's node: decoding stays next to the device it feeds
+    resources = {"num_gpus": 1, "num_cpus": threads} if on_gpu else {"num_cpus": cfg.actor_cpus}
+    return cfg.actors or max(gpus, 1), device, resources, threads
 
 
-# ------------------------------------------------------------------------------------------------ summary
-
-
-def _quantiles(
-    hist: list[int], lo: float, hi: float, qs: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
-) -> dict[str, float] | None:
-    """Quantiles from a merged fixed-bin histogram (resolution: one bin, (hi - lo) / HIST_BINS)."""
-    h = np.asarray(hist, dtype=np.float64)
-    total = h.sum()
-    if total == 0:
-        return None
-    cdf = np.cumsum(h) / total
-    width = (hi - lo) / len(h)
-    out = {}
-    for q in qs:
-        i = int(np.searchsorted(cdf, q))
-        i = min(i, len(h) - 1)
-        prev = cdf[i - 1] if i else 0.0
-        frac = (q - prev) / (cdf[i] - prev) if cdf[i] > prev else 0.5
-        out[f"p{round(q * 100)}"] = round(lo + (i + frac) * width, 4)
-    return out
-
-
-def build_summary(
+def _schedule(
     cfg: RunConfig,
-    shards: list[Shard],
-    states: dict[str, dict[str, Any]],
-    fs: Any,
+    todo: list[Shard],
+    image_size: int,
+    out_fs: Any,
     root: str,
-    skipped: int,
-    elapsed: float,
-    n_rows: int,
-) -> dict[str, Any]:
-    """Counts over every shard of this input (this run's and earlier runs'), merged histograms, quantiles; writes
-    summary.json and summary.png into the output folder."""
-    per_shard = []
-    totals = {
-        "in": 0,
-        "ok": 0,
-        "kept": 0,
-        "dropped": 0,
-        "decode_errors": 0,
-        "other_errors": 0,
-        "web_kept": 0,
-        "synthetic_kept": 0,
-    }
-    hists = {k: np.zeros(HIST_BINS, dtype=np.int64) for k in HIST_RANGES}
-    failed = []
-    for s in shards:
-        st = states.get(s.name)
-        if st is None:
-            st = {"shard": s.name, "state": "failed", "error": "not processed (no output state)", "in": 0}
-        if st.get("state") != "done":
-            failed.append({"shard": s.name, "path": s.path, "error": st.get("error")})
-        row = {"shard": s.name, "state": st.get("state"), "error": st.get("error")}
-        for k in totals:
-            row[k] = int(st.get(k, 0))
-            totals[k] += row[k]
-        per_shard.append(row)
-        for k, v in (st.get("histograms") or {}).items():
-            if k in hists:
-                hists[k] += np.asarray(v, dtype=np.int64)
-    summary = {
-        "input": cfg.input,
-        "output": cfg.output,
-        "captioner": cfg.captioner,
-        "filter": cfg.filter,
-        "settings": {
-            k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "storage_options", "test_crash_once")
-        },
-        "shards": len(shards),
-        "shards_skipped": skipped,
-        "shards_done": len(shards) - len(failed),
-        "failed_shards": failed,
-        "counts": totals,
-        "kept_fraction": round(totals["kept"] / totals["ok"], 4) if totals["ok"] else None,
-        "quantiles": {k: _quantiles(h.tolist(), *HIST_RANGES[k]) for k, h in hists.items()},
-        "histograms": {k: {"range": list(HIST_RANGES[k]), "counts": h.tolist()} for k, h in hists.items()},
-        "per_shard": per_shard,
-        "seconds": round(elapsed, 2),
-        "rows_this_run": n_rows,
-        "rows_per_second": round(n_rows / elapsed, 2) if elapsed > 0 and n_rows else None,
-    }
-    write_bytes_atomic(fs, posixpath.join(root, "summary.json"), json.dumps(summary, indent=2).encode("utf-8"))
-    write_bytes_atomic(fs, posixpath.join(root, "summary.png"), _plot(hists, cfg.threshold))
-    return summary
+    echo: Any,
+    processor_cls: type,
+    driver: dict[str, Any],
+) -> Any:
+    """Feed shards to a fixed actor pool; yield each shard's state record as it commits (or finally fails)."""
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+    from tqdm import tqdm
 
-
-def _plot(hists: dict[str, np.ndarray], threshold: float) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric in zip(axes, ("itm", "itc")):
-        for who in ("web", "synthetic"):
-            key = f"{who}_{metric}"
-            lo, hi = HIST_RANGES[key]
-            edges = np.linspace(lo, hi, HIST_BINS + 1)
-            ax.stairs(
-                hists[key],
-                edges,
-                label=f"{who} ({int(hists[key].sum())})",
-                fill=who == "web",
-                alpha=0.5 if who == "web" else 1.0,
-            )
-        if metric == "itm":
-            ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
-        ax.set_xlabel("ITM match probability" if metric == "itm" else "ITC cosine similarity")
-        ax.set_ylabel("texts")
-        ax.legend(fontsize=8)
-    fig.suptitle("capfilt run: filter scores of web text and synthetic captions")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def format_summary(s: dict[str, Any]) -> str:
-    c = s["counts"]
-    lines = [
-        f"capfilt run -> {s['output']}  ({s['seconds']} s, {s['rows_this_run']} rows this run"
-        + (f", {s['rows_per_second']} rows/s)" if s["rows_per_second"] else ")"),
-        f"  shards   {s['shards']} total: {s['shards_done']} done ({s['shards_skipped']} skipped as already done), {len(s['failed_shards'])} failed",
-        f"  samples  {c['in']} in: {c['kept']} kept, {c['dropped']} dropped, {c['decode_errors']} decode errors, {c['other_errors']} other",
-        f"  kept by  web text {c['web_kept']}, synthetic caption {c['synthetic_kept']}"
-        + (f"  (kept fraction of decoded: {s['kept_fraction']})" if s["kept_fraction"] is not None else ""),
-    ]
-    for k in ("web_itm", "synthetic_itm"):
-        q = s["quantiles"].get(k)
-        if q:
-            lines.append(f"  {k:<14} " + "  ".join(f"{n} {v:.3f}" for n, v in q.items()))
-    for f in s["failed_shards"][:10]:
-        lines.append(f"  FAILED {f['shard']}: {f['error']}")
-    if len(s["failed_shards"]) > 10:
-        lines.append(f"  ... and {len(s['failed_shards']) - 10} more failed shards (summary.json)")
-    lines.append(
-        f"  parquet: pd.read_parquet('{s['output'].rstrip('/')}/parquet')   kept tars: {s['output'].rstrip('/')}/tars/   summary.json, summary.png"
+    cpu0 = time.process_time()
+    n_actors, device, resources, threads = _pool_shape(cfg)
+    on_gpu = device.startswith("cuda")
+    stage_settings = {**cfg.stage_settings(), "device": device}
+    worker = WorkerSettings(
+        output=cfg.output,
+        storage_options=cfg.storage_options,
+        image_size=image_size,
+        decode_threads=threads,
+        prefetch_batches=cfg.prefetch_batches,
+        max_pixels=cfg.max_pixels,
+        torch_threads=None if on_gpu else max(1, int(cfg.actor_cpus)),
     )
-    return "\n".join(lines)
+    # failures are handled here, not by Ray's restarts: a dead actor's shards must go to whichever actor is alive
+    Remote = ray.remote(CapFiltWorker).options(
+        max_concurrency=cfg.shards_per_actor + 1, max_restarts=0, max_task_retries=0, **resources
+    )
+    queue = deque(todo)
+    attempts: dict[str, int] = {}
+    actors: dict[int, _Actor] = {}
+    starting: dict[Any, Any] = {}  # ready() ref -> handle, until the actor has loaded its models
+    inflight: dict[Any, tuple[Shard, int]] = {}  # process() ref -> (shard, actor id)
+    next_id = iter(range(1 << 62))
+    start_failures, waited_since, last_hb = 0, time.time(), 0.0
+    samples, t_start = 0, time.time()
+
+    def start_actor() -> None:
+        h = Remote.remote(processor_cls, stage_settings, worker)
+        starting[h.ready.remote()] = h
+
+    def lose_actor(aid: int) -> None:
+        a = actors.pop(aid, None)
+        if a is not None:
+            driver["workers_lost"] += 1
+            ray.kill(a.handle, no_restart=True)
+            start_actor()  # a replacement, placed wherever the cluster has room (another node after a node loss)
+
+    def retry_or_fail(shard: Shard, error: str) -> dict[str, Any] | None:
+        attempts[shard.name] = attempts.get(shard.name, 0) + 1
+        if attempts[shard.name] <= cfg.retries:
+            driver["retries"] += 1
+            queue.appendleft(shard)
+            return None
+        msg = f"gave up after {attempts[shard.name]} attempts: {error}"
+        return write_failed_state(out_fs, root, shard.name, msg)
+
+    for _ in range(n_actors):
+        start_actor()
+    bar = tqdm(total=len(todo), unit="shard", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
+    try:
+        while queue or inflight:
+            for aid, a in actors.items():
+                while queue and len(a.inflight) < cfg.shards_per_actor:
+                    shard = queue.popleft()
+                    ref = a.handle.process.remote(shard)
+                    a.inflight.add(ref)
+                    inflight[ref] = (shard, aid)
+            if not actors and time.time() - waited_since > 120:
+                echo(f"  waiting for resources to start CapFilt actors ({resources} each); {len(queue)} shards queued")
+                waited_since = time.time()
+            done, _ = ray.wait([*inflight, *starting], num_returns=1, timeout=1.0)
+            for ref in done:
+                if ref in starting:
+                    h = starting.pop(ref)
+                    try:
+                        actors[next(next_id)] = _Actor(h, ray.get(ref))
+                        waited_since = time.time()
+                    except RayError as e:  # the actor could not start (model load failed, node died meanwhile)
+                        start_failures += 1
+                        if start_failures > n_actors * (cfg.retries + 1):
+                            raise RuntimeError(f"CapFilt actors keep failing to start; last error: {e}") from None
+                        start_actor()
+                    continue
+                shard, aid = inflight.pop(ref)
+                if aid in actors:
+                    actors[aid].inflight.discard(ref)
+                try:
+                    rec = ray.get(ref)
+                except RayTaskError as e:  # the shard's processing raised; the actor is fine
+                    rec = retry_or_fail(shard, _first_line(e))
+                except RayError as e:  # the actor died (crash, OOM kill, node lost): replace it
+                    lose_actor(aid)
+                    rec = retry_or_fail(shard, f"worker lost: {type(e).__name__}")
+                if rec is None:
+                    continue
+                driver["records"] += 1
+                driver["record_bytes"] += len(pickle.dumps(rec))
+                samples += int(rec.get("in", 0))
+                if rec.get("state") != "done" and cfg.progress:
+                    bar.write(f"  shard {rec['shard']} FAILED: {rec.get('error')}")
+                bar.update(1)
+                yield rec
+            if cfg.progress and time.time() - last_hb > 2.0:  # live samples/s from the actors' counters
+                last_hb = time.time()
+                live = _heartbeats(actors, driver)
+                bar.set_postfix_str(f"{samples} samples committed, {live / (time.time() - t_start):.1f} samples/s")
+    finally:
+        bar.close()
+        for a in actors.values():
+            ray.kill(a.handle, no_restart=True)
+        for h in starting.values():
+            ray.kill(h, no_restart=True)
+        driver["cpu_seconds"] = round(time.process_time() - cpu0, 3)
+
+
+def _heartbeats(actors: dict[int, _Actor], driver: dict[str, Any]) -> int:
+    """Collect finished heartbeat calls and start new ones; returns the samples processed by live actors."""
+    import ray
+
+    for a in actors.values():
+        if a.heartbeat is not None:
+            ready, _ = ray.wait([a.heartbeat], timeout=0)
+            if not ready:
+                continue
+            try:
+                a.processed = ray.get(a.heartbeat)
+                driver["heartbeats"] += 1
+            except Exception:  # noqa: BLE001 - a dying actor; its shard calls report the failure
+                pass
+        a.heartbeat = a.handle.heartbeat.remote()
+    return sum(a.processed for a in actors.values())
+
+
+def _first_line(e: BaseException) -> str:
+    cause = getattr(e, "cause", None) or e
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}"

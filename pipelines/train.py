@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-TASK_FAMILY = {"pretrain": "pretrain", "caption": "caption", "retrieval": "retrieval"}
+TASKS = ("pretrain", "caption", "retrieval")  # each task trains the model family of the same name
 LOSS_KEYS = {
     "pretrain": ("loss_itc", "loss_itm", "loss_lm"),
     "caption": ("loss_lm",),
@@ -134,8 +134,8 @@ class TrainSettings:
         return self
 
     def validate(self) -> None:
-        if self.task not in TASK_FAMILY:
-            raise ValueError(f"unknown task {self.task!r}; expected one of {sorted(TASK_FAMILY)}")
+        if self.task not in TASKS:
+            raise ValueError(f"unknown task {self.task!r}; expected one of {sorted(TASKS)}")
         if self.schedule not in ("step", "cosine"):
             raise ValueError(f"unknown schedule {self.schedule!r}; expected 'step' or 'cosine'")
         for name in ("batch_size", "epochs", "workers", "checkpoint_every", "log_every"):
@@ -182,15 +182,6 @@ def _model_class(family: str, cfg: Any) -> nn.Module:
     return MODEL_CLASSES[family](cfg)
 
 
-def _interpolate_pos_embed(pe: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """(1, 1 + n, D) -> (1, 1 + num_patches, D): bicubic on the patch grid, [CLS] kept (pretrain 224 -> 384 px)."""
-    cls, grid = pe[:, :1], pe[:, 1:]
-    old, new = int(math.isqrt(grid.shape[1])), int(math.isqrt(num_patches))
-    grid = grid.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()  # (1, D, old, old)
-    grid = torch.nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    return torch.cat([cls, grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pe.dtype)], dim=1)
-
-
 def _config_overrides(s: TrainSettings, cfg: Any) -> Any:
     vision = {"grad_checkpointing": s.grad_checkpointing}
     if s.image_size is not None:
@@ -208,6 +199,8 @@ def transfer_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
 
     This is how a pretrain checkpoint becomes a captioner or a filter: its state dict holds both families' keys.
     """
+    from blip.convert import interpolate_pos_embed
+
     own = model.state_dict()
     take: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
@@ -215,7 +208,7 @@ def transfer_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
         if k not in own:
             continue
         if k.endswith("pos_embed") and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
-            v = _interpolate_pos_embed(v, own[k].shape[1] - 1)
+            v = interpolate_pos_embed(v, own[k].shape[1] - 1)
         if v.shape != own[k].shape:
             skipped.append(k)
             continue
@@ -226,95 +219,44 @@ def transfer_weights(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
 
 
 def build_model(s: TrainSettings, source: str | None) -> tuple[nn.Module, Any]:
-    """The model to train (family from the task), from scratch or from `source`; returns (model, tokenizer)."""
+    """The model to train (the task is its family), from scratch or from `source` (anything `blip.load` reads,
+    training checkpoints with their momentum encoders and queues included); returns (model, tokenizer).
+
+    The tokenizer decides the special ids; from scratch it also sets the vocabulary size (len(tokenizer)).
+    """
+    import blip
     from blip.config import BlipConfig
+    from blip.convert import TRAINING_STATE
     from blip.model import ContrastiveMixin, init_weights
     from blip.tokenizer import build_tokenizer
 
-    family = TASK_FAMILY[s.task]
+    family = s.task
     if source is None:
         if not s.tokenizer:
             raise ValueError("a from-scratch run needs --tokenizer (a tokenizer folder or vocab.txt)")
         tok = build_tokenizer(s.tokenizer)
-        cfg = _config_overrides(s, BlipConfig.from_name(s.model, family=family))
+        preset = BlipConfig.from_name(s.model, family=family, text={"vocab_size": len(tok)})
+        cfg = _config_overrides(s, preset.with_tokenizer(tok))
         torch.manual_seed(s.seed)
         model = _model_class(family, cfg)
         init_weights(model, std=s.init_std)
     else:
-        loaded = _load_any(source)
+        loaded = blip.load(source, tokenizer_path=s.tokenizer, keep_training_state=True)
         tok = loaded.tokenizer
-        if s.tokenizer:
-            tok = build_tokenizer(s.tokenizer)
-        if tok is None:
-            raise ValueError(f"{source} carries no tokenizer; pass --tokenizer")
         cfg = _config_overrides(s, replace(loaded.config, family=family))
         model = _model_class(family, cfg)
         report = transfer_weights(model, loaded.state_dict())
-        core = [k for k in report["missing"] if not _is_momentum_or_queue(k)]
+        core = [k for k in report["missing"] if not TRAINING_STATE.match(k)]
         if core:
             raise ValueError(
                 f"{source} lacks {len(core)} weights the {family} model needs (e.g. {', '.join(core[:4])}); "
                 "initialise a captioner from a caption or pretrain checkpoint, a filter from a retrieval or pretrain one"
             )
-        if isinstance(model, ContrastiveMixin) and any(_is_momentum(k) for k in report["missing"]):
+        if isinstance(model, ContrastiveMixin) and any(k.split(".")[0].endswith("_m") for k in report["missing"]):
             model.copy_params()  # momentum copies start from the online weights, as the original
         del loaded
     model.tokenizer = tok
     return model, tok
-
-
-def _is_momentum(k: str) -> bool:
-    return k.split(".")[0].endswith("_m")
-
-
-def _is_momentum_or_queue(k: str) -> bool:
-    return _is_momentum(k) or k in ("image_queue", "text_queue", "idx_queue", "ptr_queue", "queue_ptr")
-
-
-def _load_any(source: str) -> nn.Module:
-    """A checkpoint folder of ours (train checkpoints keep momentum weights + queues), else whatever blip.load reads."""
-    p = Path(source)
-    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
-        return load_folder(p)
-    import blip.load
-
-    return blip.load.load(source)
-
-
-def load_folder(path: str | Path) -> nn.Module:
-    """Our folder (config.json + model.safetensors + tokenizer files) -> model with every saved tensor, momentum
-    encoders and queues included (blip.load keeps the inference families slim)."""
-    from safetensors.torch import load_file
-
-    from blip.config import BlipConfig
-    from blip.tokenizer import build_tokenizer
-
-    path = Path(path)
-    cfg = BlipConfig.from_dict(json.loads((path / "config.json").read_text()))
-    sd = load_file(str(path / "model.safetensors"))
-    momentum = any(_is_momentum(k) for k in sd)
-    if cfg.family == "retrieval" and momentum:
-        from blip.model import BlipRetrieval
-
-        model = BlipRetrieval(cfg, momentum=True)
-    else:
-        from blip.model import MODEL_CLASSES
-
-        model = MODEL_CLASSES[cfg.family](cfg)
-    own = model.state_dict()
-    missing = [k for k in own if k not in sd]
-    model.load_state_dict(sd, strict=False)
-    # keys a saver may drop are tied aliases (LM head = word embeddings, shared encoder/decoder modules)
-    ptrs = {own[k].data_ptr() for k in own if k in sd}
-    untied = [k for k in missing if own[k].data_ptr() not in ptrs and not k.endswith("position_ids")]
-    if untied:
-        raise ValueError(f"checkpoint {path} lacks {len(untied)} weights (e.g. {', '.join(untied[:4])})")
-    unexpected = [k for k in sd if k not in own]
-    if unexpected:
-        raise ValueError(f"checkpoint {path} has {len(unexpected)} unknown weights (e.g. {', '.join(unexpected[:4])})")
-    tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-    model.tokenizer = build_tokenizer(path) if any((path / f).is_file() for f in tok_files) else None
-    return model
 
 
 def save_folder(model: nn.Module, path: str | Path, slim: bool = False) -> None:
@@ -329,7 +271,7 @@ def save_folder(model: nn.Module, path: str | Path, slim: bool = False) -> None:
         plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
         plain.tokenizer = model.tokenizer
         model = plain
-    from blip.load import save_pretrained
+    from blip import save_pretrained
 
     save_pretrained(model, path)
 
@@ -365,7 +307,9 @@ def _set_rng_state(st: dict[str, Any]) -> None:
 
 
 def _queues(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.named_buffers() if _is_momentum_or_queue(k)}
+    from blip.convert import TRAINING_STATE
+
+    return {k: v.detach().cpu().clone() for k, v in model.named_buffers() if TRAINING_STATE.match(k)}
 
 
 # ---------------------------------------------------------------------------------------------------- worker loop

@@ -44,10 +44,9 @@ def _median_web_itm(input_dir: Path, cap: torch.nn.Module, filt: torch.nn.Module
     whatever the random weights give."""
     from capfilt.decode import DecodeStage
     from capfilt.stages import CapFiltStage
-    from pipelines.io import list_shards, read_shard
+    from pipelines.io import ShardReader, list_shards
 
-    rows = [r for s in list_shards(str(input_dir)) for t in read_shard(s) for r in t.to_pylist()]
-    rows = [r for r in rows if r["kind"] == "sample"]
+    rows = [r for s in list_shards(str(input_dir)) for r in ShardReader(s)]
     batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "caption")}
     batch["jpg"] = np.array([r["image"] for r in rows], dtype=object)
     stage = CapFiltStage.from_models(cap, filt, num_captions=0, device="cpu", dtype="float32")

@@ -15,12 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from blip.config import BlipConfig
 from blip import save_pretrained
+from blip.config import BlipConfig
 from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
 from capfilt.synth import make_bad_corpus, write_corpus, write_truncated_shard
-from pipelines.io import ShardWriter, list_shards, read_shard
+from pipelines.io import ShardReader, ShardWriter, list_shards
 from pipelines.run import load_config, run_capfilt
 
 TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "capfilt_tiny.yaml")
@@ -135,18 +135,16 @@ def test_list_shards_and_names(tmp_path, wds_corpus):
 def test_read_truncated_tar_keeps_readable_samples(tmp_path, wds_corpus):
     dst = str(tmp_path / "00009.tar")
     whole = write_truncated_shard(wds_corpus + "/00000.tar", dst, fraction=0.55)
-    shard = list_shards(dst)[0]
-    rows = [r for t in read_shard(shard) for r in t.to_pylist()]
-    eos = rows[-1]
-    assert eos["kind"] == "eos" and "ReadError" in eos["note"]
-    samples = rows[:-1]
-    assert eos["idx"] == len(samples) and [r["idx"] for r in samples] == list(range(len(samples)))
+    reader = ShardReader(list_shards(dst)[0])
+    samples = list(reader)
+    assert "ReadError" in reader.error
+    assert reader.count == len(samples) and [r["idx"] for r in samples] == list(range(len(samples)))
     complete = {r["key"] for r in samples if r["image"] is not None and r["caption"] is not None}
     assert whole and set(whole) <= complete  # every sample wholly before the cut is read in full
     # not a tar at all
     (tmp_path / "junk.tar").write_bytes(b"this is not a tar file" * 50)
-    rows = [r for t in read_shard(list_shards(str(tmp_path / "junk.tar"))[0]) for r in t.to_pylist()]
-    assert len(rows) == 1 and rows[0]["kind"] == "eos" and rows[0]["note"]
+    reader = ShardReader(list_shards(str(tmp_path / "junk.tar"))[0])
+    assert list(reader) == [] and reader.error
 
 
 def test_tar_cut_at_a_member_boundary_is_truncated(tmp_path, wds_corpus):
@@ -157,11 +155,12 @@ def test_tar_cut_at_a_member_boundary_is_truncated(tmp_path, wds_corpus):
     cut = members[len(members) // 2 + 1]  # a header that starts a later member
     dst = tmp_path / "00007.tar"
     dst.write_bytes(src.read_bytes()[: cut.offset])
-    rows = [r for t in read_shard(list_shards(str(dst))[0]) for r in t.to_pylist()]
-    assert "truncated" in rows[-1]["note"]
+    reader = ShardReader(list_shards(str(dst))[0])
+    list(reader)
+    assert "truncated" in reader.error
     # the complete copy still reads clean
-    rows = [r for t in read_shard(list_shards(str(src))[0]) for r in t.to_pylist()]
-    assert rows[-1]["note"] is None and rows[-1]["idx"] == 6
+    reader = ShardReader(list_shards(str(src))[0])
+    assert len(list(reader)) == 6 and reader.error is None
 
 
 def test_parquet_input_keeps_nested_metadata_and_unique_fallback_keys(tmp_path):
@@ -174,7 +173,7 @@ def test_parquet_input_keeps_nested_metadata_and_unique_fallback_keys(tmp_path):
         str(tmp_path / "pq"), 6, noise=0.5, seed=3, image_size=32, samples_per_shard=6, output_format="parquet"
     )
     shard = list_shards(str(tmp_path / "pq"))[0]
-    rows = [r for t in read_shard(shard) for r in t.to_pylist() if r["kind"] != "eos"]
+    rows = list(ShardReader(shard))
     truth = read_truth(str(tmp_path / "pq"))
     for r in rows:  # the ground truth (a nested struct column) reaches the sample json
         assert json.loads(r["json"])["synth"]["true_caption"] == truth[r["key"]]["true_caption"]
@@ -182,40 +181,48 @@ def test_parquet_input_keeps_nested_metadata_and_unique_fallback_keys(tmp_path):
     n = 300
     table = pa.table({"jpg": [b"x"] * n, "caption": [f"c{i}" for i in range(n)]})
     pq.write_table(table, tmp_path / "nokey.parquet")
-    rows = [r for t in read_shard(list_shards(str(tmp_path / "nokey.parquet"))[0]) for r in t.to_pylist()]
-    keys = [r["key"] for r in rows if r["kind"] != "eos"]
+    keys = [r["key"] for r in ShardReader(list_shards(str(tmp_path / "nokey.parquet"))[0])]
     assert len(keys) == n and len(set(keys)) == n
 
 
-def test_shard_writer_drops_retried_duplicates_and_commits_last(tmp_path):
+def test_shard_writer_streams_kept_samples_and_commits_last(tmp_path):
     import fsspec
 
     fs = fsspec.filesystem("file")
-    w = ShardWriter(fs, str(tmp_path), "s0")
 
     def row(i: int, kept: bool) -> dict:
         return {
-            "kind": "sample", "shard": "s0", "idx": i, "key": f"k{i}", "url": None, "caption": "c",
+            "shard": "s0", "idx": i, "key": f"k{i}", "url": None, "caption": "c",
             "synthetic_captions": ["x"], "web_itm": 0.9, "web_itc": 0.1, "synthetic_itm": [0.2],
             "synthetic_itc": [0.0], "kept_texts": ["c"] if kept else [], "kept": kept, "reason": None,
             "status": "ok", "error": None, "json": None, "image": b"IMG%d" % i, "image_ext": "jpg",
         }  # fmt: skip
 
-    w.add(row(1, True))
-    w.add({"kind": "eos", "shard": "s0", "idx": 3, "note": None})
-    w.add(row(0, False))
-    assert not w.complete
-    w.add(row(1, True))  # a retried block delivers row 1 again
-    w.add(row(2, True))
-    assert w.complete and w.duplicates == 1
-    assert not (tmp_path / "_state" / "s0.json").exists()
-    stats = w.commit()
-    assert stats["in"] == 3 and stats["kept"] == 2 and stats["state"] == "done"
+    outputs = []
+    for attempt in range(2):  # a retried shard rewrites byte-identical files
+        w = ShardWriter(fs, str(tmp_path), "s0")
+        for i, kept in enumerate((False, True, True)):
+            w.add(row(i, kept))
+        assert not (tmp_path / "_state" / "s0.json").exists() or attempt
+        assert not (tmp_path / "tars" / "s0.tar").exists() or attempt  # only a hidden temporary so far
+        stats = w.commit()
+        assert stats["in"] == 3 and stats["kept"] == 2 and stats["state"] == "done"
+        outputs.append(
+            ((tmp_path / "parquet" / "s0.parquet").read_bytes(), (tmp_path / "tars" / "s0.tar").read_bytes())
+        )
+    assert outputs[0] == outputs[1]
+    assert not list(tmp_path.rglob("*.tmp"))
     df = pd.read_parquet(tmp_path / "parquet")
-    assert list(df["key"]) == ["k0", "k1", "k2"]  # sorted by sample index
+    assert list(df["key"]) == ["k0", "k1", "k2"]
     with tarfile.open(tmp_path / "tars" / "s0.tar") as tf:
         assert sorted(tf.getnames()) == sorted(f"k{i}.{e}" for i in (1, 2) for e in ("jpg", "txt", "json"))
+        assert {m.mtime for m in tf.getmembers()} == {0}
     assert json.loads((tmp_path / "_state" / "s0.json").read_text())["state"] == "done"
+    # an aborted writer leaves nothing behind
+    w = ShardWriter(fs, str(tmp_path), "s1")
+    w.add(row(0, True))
+    w.abort()
+    assert not (tmp_path / "tars" / "s1.tar").exists() and not list(tmp_path.rglob("*.tmp"))
 
 
 def test_config_errors_before_ray(tmp_path, capfilt_models, wds_corpus):

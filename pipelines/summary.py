@@ -1,0 +1,142 @@
+"""The job summary of `capfilt run`: counts and merged score histograms from the per-shard state records.
+
+Built on the driver from one small record per shard (never from sample rows), incrementally: memory is a few hundred
+bytes per shard plus the merged histograms. Written as `summary.json` + `summary.png`, and printed as one screen.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from typing import Any
+
+import numpy as np
+
+from pipelines.io import HIST_BINS, HIST_RANGES, write_bytes_atomic
+
+COUNT_KEYS = ("in", "ok", "kept", "dropped", "decode_errors", "other_errors", "web_kept", "synthetic_kept")
+
+
+class SummaryBuilder:
+    """Add every shard's state record (or None when it has none); `build()` gives the summary dict."""
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(COUNT_KEYS, 0)
+        self.hists = {k: np.zeros(HIST_BINS, dtype=np.int64) for k in HIST_RANGES}
+        self.per_shard: list[dict[str, Any]] = []
+        self.failed: list[dict[str, Any]] = []
+
+    def add(self, name: str, path: str, state: dict[str, Any] | None) -> None:
+        if state is None:
+            state = {"state": "failed", "error": "not processed (no output state)"}
+        if state.get("state") != "done":
+            self.failed.append({"shard": name, "path": path, "error": state.get("error")})
+        row = {"shard": name, "state": state.get("state"), "error": state.get("error")}
+        for k in COUNT_KEYS:
+            row[k] = int(state.get(k, 0))
+            self.totals[k] += row[k]
+        self.per_shard.append(row)
+        for k, v in (state.get("histograms") or {}).items():
+            if k in self.hists:
+                self.hists[k] += np.asarray(v, dtype=np.int64)
+
+    def build(self, head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
+        t = self.totals
+        return {
+            **head,
+            "shards": len(self.per_shard),
+            "shards_done": len(self.per_shard) - len(self.failed),
+            "failed_shards": self.failed,
+            "counts": dict(t),
+            "kept_fraction": round(t["kept"] / t["ok"], 4) if t["ok"] else None,
+            "quantiles": {k: quantiles(h.tolist(), *HIST_RANGES[k]) for k, h in self.hists.items()},
+            "histograms": {k: {"range": list(HIST_RANGES[k]), "counts": h.tolist()} for k, h in self.hists.items()},
+            "per_shard": self.per_shard,
+            **tail,
+        }
+
+
+def quantiles(
+    hist: list[int], lo: float, hi: float, qs: tuple[float, ...] = (0.05, 0.25, 0.5, 0.75, 0.95)
+) -> dict[str, float] | None:
+    """Quantiles from a merged fixed-bin histogram (resolution: one bin, (hi - lo) / HIST_BINS)."""
+    h = np.asarray(hist, dtype=np.float64)
+    total = h.sum()
+    if total == 0:
+        return None
+    cdf = np.cumsum(h) / total
+    width = (hi - lo) / len(h)
+    out = {}
+    for q in qs:
+        i = min(int(np.searchsorted(cdf, q)), len(h) - 1)
+        prev = cdf[i - 1] if i else 0.0
+        frac = (q - prev) / (cdf[i] - prev) if cdf[i] > prev else 0.5
+        out[f"p{round(q * 100)}"] = round(lo + (i + frac) * width, 4)
+    return out
+
+
+def write_summary(fs: Any, root: str, summary: dict[str, Any], threshold: float) -> None:
+    write_bytes_atomic(fs, posixpath.join(root, "summary.json"), json.dumps(summary, indent=2).encode("utf-8"))
+    hists = {k: np.asarray(v["counts"]) for k, v in summary["histograms"].items()}
+    write_bytes_atomic(fs, posixpath.join(root, "summary.png"), plot_histograms(hists, threshold))
+
+
+def plot_histograms(hists: dict[str, np.ndarray], threshold: float) -> bytes:
+    """ITM and ITC score histograms of web texts and synthetic captions, the threshold marked -> PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric in zip(axes, ("itm", "itc")):
+        for who in ("web", "synthetic"):
+            key = f"{who}_{metric}"
+            lo, hi = HIST_RANGES[key]
+            edges = np.linspace(lo, hi, len(hists[key]) + 1)
+            label = f"{who} ({int(hists[key].sum())})"
+            ax.stairs(hists[key], edges, label=label, fill=who == "web", alpha=0.5 if who == "web" else 1.0)
+        if metric == "itm":
+            ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
+        ax.set_xlabel("ITM match probability" if metric == "itm" else "ITC cosine similarity")
+        ax.set_ylabel("texts")
+        ax.legend(fontsize=8)
+    fig.suptitle("capfilt run: filter scores of web text and synthetic captions")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The one screen printed at the end of a run."""
+    c = s["counts"]
+    rate = f", {s['rows_per_second']} rows/s" if s.get("rows_per_second") else ""
+    lines = [
+        f"capfilt run -> {s['output']}  ({s['seconds']} s, {s['rows_this_run']} rows this run{rate})",
+        f"  shards   {s['shards']} total: {s['shards_done']} done ({s['shards_skipped']} skipped as already done), "
+        f"{len(s['failed_shards'])} failed",
+        f"  samples  {c['in']} in: {c['kept']} kept, {c['dropped']} dropped, {c['decode_errors']} decode errors, "
+        f"{c['other_errors']} other",
+        f"  kept by  web text {c['web_kept']}, synthetic caption {c['synthetic_kept']}"
+        + (f"  (kept fraction of decoded: {s['kept_fraction']})" if s["kept_fraction"] is not None else ""),
+    ]
+    for k in ("web_itm", "synthetic_itm"):
+        q = s["quantiles"].get(k)
+        if q:
+            lines.append(f"  {k:<14} " + "  ".join(f"{n} {v:.3f}" for n, v in q.items()))
+    d = s.get("driver")
+    if d and d.get("records"):
+        lines.append(
+            f"  driver   {d['records']} shard records ({d['record_bytes'] // max(1, d['records'])} B each), "
+            f"{d['cpu_seconds']} CPU s, {d['retries']} retries, {d['workers_lost']} workers lost"
+        )
+    for f in s["failed_shards"][:10]:
+        lines.append(f"  FAILED {f['shard']}: {f['error']}")
+    if len(s["failed_shards"]) > 10:
+        lines.append(f"  ... and {len(s['failed_shards']) - 10} more failed shards (summary.json)")
+    out = s["output"].rstrip("/")
+    lines.append(f"  parquet: pd.read_parquet('{out}/parquet')   kept tars: {out}/tars/   summary.json, summary.png")
+    return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""One input shard -> its outputs, inside a CapFilt worker: the unit of work of `capfilt run`.
+
+    reader thread (ShardReader: raw bytes, in order)
+        -> decode pool (PIL releases the GIL; `decode_threads` per worker, shared by its shard calls)
+        -> bounded queue of full model batches (`prefetch_batches`: memory bounded per worker)
+        -> CapFiltStage under the worker's model lock (captioner + filter on one device)
+        -> ShardWriter (kept samples streamed into the tar, rows held for the parquet) -> state file last
+
+No Ray here: `ShardProcessor` is a plain class (`setup()`, `__call__(shard) -> record`), run inside a Ray actor by
+pipelines/run.py and tested without Ray. Two calls may run at once on one processor (the actor's
+`max_concurrency=2`): the next shard's read and decode then hide behind the current shard's model work, and the
+lock keeps the device busy with one batch at a time. What goes back to the caller is one small record per shard
+(its counts and score histograms), never a sample.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from capfilt.decode import DEFAULT_MAX_PIXELS, allow_max_pixels, decode_or_error
+from pipelines.io import Shard, ShardReader, ShardWriter
+
+_END = object()
+
+
+@dataclass
+class WorkerSettings:
+    """How a worker runs (not what CapFilt computes: that is CapFiltSettings)."""
+
+    output: str  # the job's output folder (absolute local path or fsspec URL)
+    storage_options: dict[str, Any]
+    image_size: int  # decode size: the larger of the two models' sizes
+    decode_threads: int = 2
+    prefetch_batches: int = 3  # decoded batches queued ahead of the model, per shard call
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    torch_threads: int | None = None  # CPU workers: intra-op threads
+
+
+class ShardProcessor:
+    """CapFilt over whole shards, writing each shard's parquet + tar + state itself. Thread-safe `__call__`."""
+
+    def __init__(self, stage_settings: dict[str, Any], settings: WorkerSettings) -> None:
+        self.stage_settings, self.settings = stage_settings, settings
+        self.processed = 0  # samples through the model, every shard call together (heartbeat)
+        self._count_lock = threading.Lock()
+
+    def setup(self) -> None:
+        import torch
+
+        from capfilt.stages import CapFiltStage
+
+        if self.settings.torch_threads:
+            torch.set_num_threads(self.settings.torch_threads)
+        allow_max_pixels(self.settings.max_pixels)
+        self.stage = self.make_stage(CapFiltStage)
+        self.stage.setup()
+        self.model_lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
+        self.fs, root = fsspec.core.url_to_fs(self.settings.output, **self.settings.storage_options)
+        self.root = root.rstrip("/")
+
+    def make_stage(self, cls: type) -> Any:
+        return cls(**self.stage_settings)
+
+    def __call__(self, shard: Shard) -> dict[str, Any]:
+        """Process one shard end to end; returns its state record (also written to `_state/{shard}.json`)."""
+        writer = ShardWriter(self.fs, self.root, shard.name)
+        reader = ShardReader(shard, self.settings.storage_options)
+        stop = threading.Event()
+        batches: queue.Queue = queue.Queue(maxsize=self.settings.prefetch_batches)
+        feeder = threading.Thread(target=self._feed, args=(reader, batches, stop), daemon=True)
+        feeder.start()
+        try:
+            while True:
+                item = batches.get()
+                if item is _END:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                rows, decoded = item
+                for row in self.process_batch(rows, [f.result() for f in decoded]):
+                    writer.add(row)
+            feeder.join()
+            return writer.commit(reader.error)
+        except BaseException:
+            stop.set()
+            writer.abort()
+            raise
+
+    def _feed(self, reader: ShardReader, batches: queue.Queue, stop: threading.Event) -> None:
+        """Reader thread: full batches of rows, each with its decode futures, into the bounded queue."""
+        try:
+            for rows in _chunks(iter(reader), self.stage.batch_size):
+                s, cap = self.settings.image_size, self.settings.max_pixels
+                decoded = [self.pool.submit(decode_or_error, r["image"], s, cap) for r in rows]
+                if not _put(batches, (rows, decoded), stop):
+                    return
+            _put(batches, _END, stop)
+        except BaseException as e:  # noqa: BLE001 - a reader bug reaches the caller, not a silent hang
+            _put(batches, e, stop)
+
+    def process_batch(self, rows: list[dict[str, Any]], decoded: list[tuple]) -> list[dict[str, Any]]:
+        """READ_FIELDS rows + their decode results -> result rows (OUT_COLUMNS, + image bytes when kept)."""
+        s = self.settings.image_size
+        pixels = np.zeros((len(rows), s, s, 3), dtype=np.uint8)  # (B, S, S, 3)
+        for i, (px, *_rest) in enumerate(decoded):
+            if px is not None:
+                pixels[i] = px
+        batch = {
+            "key": [r["key"] for r in rows],
+            "caption": [r["caption"] for r in rows],
+            "status": [d[1] for d in decoded],
+            "pixels": pixels,
+        }
+        with self.model_lock:
+            result = self.stage(batch)
+        with self._count_lock:
+            self.processed += len(rows)
+        out = []
+        for i, r in enumerate(rows):
+            kept = bool(result["kept"][i])
+            out.append(
+                {
+                    "key": r["key"],
+                    "url": r["url"],
+                    "shard": r["shard"],
+                    "idx": r["idx"],
+                    "caption": r["caption"],
+                    "synthetic_captions": result["synthetic_captions"][i],
+                    "web_itm": result["web_itm"][i],
+                    "web_itc": result["web_itc"][i],
+                    "synthetic_itm": result["synthetic_itm"][i],
+                    "synthetic_itc": result["synthetic_itc"][i],
+                    "kept_texts": result["kept_texts"][i],
+                    "kept": kept,
+                    "reason": result["reason"][i],
+                    "status": decoded[i][1],
+                    # a decode error wins; else a read note (non-UTF-8 caption, bad .json) stays visible
+                    "error": decoded[i][2] or r["note"],
+                    "json": r["json"],
+                    "image": r["image"] if kept else None,
+                    "image_ext": r["image_ext"],
+                }
+            )
+        return out
+
+
+def _chunks(it: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:
+    chunk: list[dict[str, Any]] = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Blocking put that gives up when the consumer has stopped (its shard failed): no thread left hanging."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.2)
+            return True
+        except queue.Full:
+            continue
+    return False
