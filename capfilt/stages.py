@@ -31,7 +31,8 @@ RESULT_COLUMNS = (
     "reason",  # None when kept; else "below_threshold" | "no_text" | the row's error status
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the one table of model dtypes (capfilt run, caption, score, vqa)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sample_seed(seed: int, key: str) -> int:
@@ -41,17 +42,21 @@ def sample_seed(seed: int, key: str) -> int:
 
 
 def resolve_device(device: str) -> torch.device:
+    """The device named by "auto" (CUDA when there is one), "cpu", "cuda" or "cuda:N"; CUDA where there is none: error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for but CUDA is not available")
     return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The dtype named by "auto" (bfloat16 on CUDA, float32 elsewhere) or by a key of DTYPES."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _web_text(t: Any) -> str | None:
@@ -92,7 +97,10 @@ class CapFiltSettings:
             ),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.text_max_length >= 2, f"text_max_length must be >= 2, got {self.text_max_length}"),
-            (self.dtype in ("auto", *_DTYPES), f"unknown dtype {self.dtype!r}; expected auto or one of {sorted(_DTYPES)}"),
+            (
+                self.dtype in ("auto", *DTYPES),
+                f"unknown dtype {self.dtype!r}; expected auto or one of {sorted(DTYPES)}",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
