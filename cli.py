@@ -32,6 +32,37 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")  # capfilt.stages.DTYPES + auto
+
+
+def tokenizer_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--tokenizer` -> `tokenizer_path`: the tokenizer for a checkpoint without one next to it."""
+    return click.option(
+        "--tokenizer",
+        "tokenizer_path",
+        default=None,
+        help="Tokenizer folder or BERT vocab.txt (for a bare .pth); its special ids are the model's.",
+    )(fn)
+
+
+def device_options(device: str | None = "auto", dtype: str | None = "float32") -> Callable[..., Any]:
+    """`--device` and `--dtype` (None defaults: the config's value)."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn = click.option(
+            "--dtype",
+            type=click.Choice(DTYPE_CHOICES),
+            default=dtype,
+            show_default=dtype is not None,
+            help="auto: bfloat16 on CUDA, float32 elsewhere.",
+        )(fn)
+        return click.option(
+            "--device", default=device, show_default=device is not None, help="auto, cpu, cuda or cuda:N."
+        )(fn)
+
+    return decorate
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """capfilt: BLIP's CapFilt (captioner + filter) at web scale on Ray."""
@@ -265,11 +296,8 @@ def report(
     show_default=True,
     help="Tokens incl. the prompt, as the original.",
 )
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
-@click.option(
-    "--tokenizer", "tokenizer_path", default=None, help="Tokenizer folder or BERT vocab.txt (for a bare .pth)."
-)
+@device_options()
+@tokenizer_option
 @friendly_errors
 def caption(
     images: tuple[str, ...], model_path: str, beam: int | None, top_p: float | None, num_captions: int, seed: int,
@@ -291,30 +319,75 @@ def caption(
 @click.option(
     "--model", "model_path", required=True, help="Filter (retrieval or pretrain model): folder, .pth or hub id."
 )
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option(
-    "--tokenizer", "tokenizer_path", default=None, help="Tokenizer folder or BERT vocab.txt (for a bare .pth)."
+    "--first-token",
+    type=click.Choice(["enc", "cls"]),
+    default="enc",
+    show_default=True,
+    help="ITM input's first token: enc as the retrieval checkpoints were trained, cls as blip_itm.py / transformers.",
 )
+@device_options()
+@tokenizer_option
 @friendly_errors
 def score(
-    image: str, texts: tuple[str, ...], model_path: str, device: str, dtype: str, tokenizer_path: str | None
-) -> None:
+    image: str, texts: tuple[str, ...], model_path: str, first_token: str, device: str, dtype: str,
+    tokenizer_path: str | None,
+) -> None:  # fmt: skip
     """Score each TEXT against IMAGE: ITM match probability and ITC cosine similarity, tab-separated."""
     from capfilt.predict import score_file
 
-    rows = score_file(image, list(texts), model_path, device, dtype, tokenizer_path)
+    rows = score_file(image, list(texts), model_path, device, dtype, tokenizer_path, first_token)
     click.echo("itm\titc\ttext")
     for text, itm, itc in rows:
         click.echo(f"{itm:.4f}\t{itc:.4f}\t{text}")
 
 
 @main.command()
+@click.argument("image")
+@click.argument("questions", nargs=-1, required=True)
+@click.option("--model", "model_path", required=True, help="VQA model: our folder, an original .pth, a transformers "
+              "folder or a hub id.")  # fmt: skip
+@click.option(
+    "--answers",
+    "answers_path",
+    default=None,
+    help="Rank this answer list (JSON list or one answer per line), as the original VQAv2 evaluation; "
+    "default: generate the answer.",
+)
+@click.option(
+    "--k", type=click.IntRange(min=1), default=128, show_default=True, help="Candidates re-scored (--answers)."
+)
+@click.option("--beam", type=click.IntRange(min=1), default=3, show_default=True, help="Beams when generating.")
+@click.option("--max-length", type=click.IntRange(min=2), default=10, show_default=True, help="Tokens incl. [DEC].")
+@click.option("--min-length", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option(
+    "--attend-question-padding",
+    is_flag=True,
+    help="Generate as the original's generate mode: the decoder attends every question token, padding included.",
+)
+@device_options()
+@tokenizer_option
+@friendly_errors
+def vqa(
+    image: str, questions: tuple[str, ...], model_path: str, answers_path: str | None, k: int, beam: int,
+    max_length: int, min_length: int, attend_question_padding: bool, device: str, dtype: str,
+    tokenizer_path: str | None,
+) -> None:  # fmt: skip
+    """Answer each QUESTION about IMAGE with a BLIP VQA model; prints `question<TAB>answer`."""
+    from capfilt.predict import answer_file
+
+    rows = answer_file(
+        image, list(questions), model_path, answers_path, k, beam, max_length, min_length, attend_question_padding,
+        device, dtype, tokenizer_path,
+    )  # fmt: skip
+    for question, answer in rows:
+        click.echo(f"{question}\t{answer}")
+
+
+@main.command()
 @click.argument("src")
 @click.argument("dst")
-@click.option(
-    "--tokenizer", "tokenizer_path", default=None, help="Tokenizer folder or BERT vocab.txt (for a bare .pth)."
-)
+@tokenizer_option
 @click.option(
     "--family",
     type=click.Choice(["caption", "retrieval", "pretrain", "vqa"]),
@@ -327,7 +400,7 @@ def score(
 @friendly_errors
 def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, image_size: int | None) -> None:
     """Convert SRC (original .pth, transformers folder or hub id) into our folder DST."""
-    from blip.checkpoint import convert_checkpoint
+    from blip import convert_checkpoint
 
     model = convert_checkpoint(src, dst, family=family, image_size=image_size, tokenizer_path=tokenizer_path)
     n = sum(p.numel() for p in model.parameters())
@@ -362,8 +435,7 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
 @click.option("--threshold", type=float, default=None, help="Keep a text when its ITM match probability >= this.")
 @click.option("--batch-size", type=int, default=None, help="Images per CapFilt actor call.")
 @click.option("--actors", type=int, default=None, help="CapFilt actors (default: one per GPU, or one CPU actor).")
-@click.option("--device", default=None, help="auto | cpu | cuda.")
-@click.option("--dtype", default=None, help="auto | float32 | bfloat16 | float16.")
+@device_options(device=None, dtype=None)
 @click.option("--seed", type=int, default=None, help="Caption seed (combined with each sample key).")
 @click.option(
     "--storage-options",
