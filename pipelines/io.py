@@ -17,7 +17,6 @@ import posixpath
 import re
 import tarfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -237,10 +236,10 @@ def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return protocol in ("file", "local")
 
 
-def tmp_path(path: str) -> str:
-    """A temporary name next to `path`, unique per writer (two attempts of one shard never share one); the leading
-    dot hides it from pyarrow's dataset discovery, and `clean_tmp` removes what a killed run left."""
-    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+def tmp_path(path: str, attempt: int = 0) -> str:
+    """The temporary name of `path` for one attempt at it: two attempts at a shard never share one, a retry removes
+    its predecessors' by name, and `clean_tmp` what a killed run left. The leading dot hides it from pyarrow."""
+    return posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.a{attempt}.tmp")
 
 
 class AtomicFile:
@@ -251,12 +250,15 @@ class AtomicFile:
     a SIGKILL left behind is removed by `clean_tmp` on the rerun).
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, attempt: int = 0) -> None:
         self.fs, self.path = fs, path
         self.local = _is_local(fs)
-        self.write_path = tmp_path(path) if self.local else path
+        self.write_path = tmp_path(path, attempt) if self.local else path
         if self.local:
             fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            for earlier in range(attempt):  # what a dead worker's attempt left
+                if os.path.exists(tmp_path(path, earlier)):
+                    os.remove(tmp_path(path, earlier))
         self.f = fs.open(self.write_path, "wb")
 
     def commit(self) -> None:
@@ -275,8 +277,8 @@ class AtomicFile:
             pass
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    af = AtomicFile(fs, path)
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, attempt: int = 0) -> None:
+    af = AtomicFile(fs, path, attempt)
     try:
         af.f.write(data)
     except BaseException:
@@ -337,13 +339,13 @@ class ShardWriter:
     at commit. `commit()` writes the parquet, then the state file `_state/{shard}.json` last: the commit point.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, shard: str) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, shard: str, attempt: int = 0) -> None:
         import webdataset as wds
 
-        self.fs, self.root, self.shard = fs, root, shard
+        self.fs, self.root, self.shard, self.attempt = fs, root, shard, attempt
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
-        self.tar_file = AtomicFile(fs, posixpath.join(root, "tars", f"{shard}.tar"))
+        self.tar_file = AtomicFile(fs, posixpath.join(root, "tars", f"{shard}.tar"), attempt)
         self.sink = _Sink(self.tar_file.f)
         self.tar = wds.TarWriter(self.sink, encoder=False, mtime=0.0, mode=0o644, user="", group="")
 
@@ -375,10 +377,13 @@ class ShardWriter:
         """Close the tar, write the parquet, then the state file. Returns the shard's stats (its state record)."""
         self.tar.close()
         self.tar_file.commit()
-        write_parquet_atomic(self.fs, posixpath.join(self.root, "parquet", f"{self.shard}.parquet"), self.rows)
+        pq_path = posixpath.join(self.root, "parquet", f"{self.shard}.parquet")
+        write_parquet_atomic(self.fs, pq_path, self.rows, self.attempt)
         stats = shard_stats(self.rows, self.shard, read_error)
         stats["seconds"] = round(time.time() - self.started, 3)
-        write_bytes_atomic(self.fs, state_path(self.root, self.shard), json.dumps(stats).encode("utf-8"))
+        stats["attempt"] = self.attempt
+        state = json.dumps(stats).encode("utf-8")
+        write_bytes_atomic(self.fs, state_path(self.root, self.shard), state, self.attempt)
         return stats
 
     def abort(self) -> None:
@@ -396,8 +401,10 @@ class _Sink:
         return len(data) if self.dead else self.f.write(data)
 
 
-def write_parquet_atomic(fs: fsspec.AbstractFileSystem, path: str, rows: list[dict[str, Any]]) -> None:
-    af = AtomicFile(fs, path)
+def write_parquet_atomic(
+    fs: fsspec.AbstractFileSystem, path: str, rows: list[dict[str, Any]], attempt: int = 0
+) -> None:
+    af = AtomicFile(fs, path, attempt)
     try:
         pq.write_table(pa.Table.from_pylist(rows, schema=OUT_SCHEMA), af.f)
     except BaseException:

@@ -118,8 +118,8 @@ class CapFiltWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def process(self, shard: Shard) -> dict[str, Any]:
-        return self.processor(shard)
+    def process(self, shard: Shard, attempt: int) -> dict[str, Any]:
+        return self.processor(shard, attempt)
 
     def heartbeat(self) -> int:
         return self.processor.processed
@@ -280,7 +280,7 @@ def _schedule(
             for aid, a in actors.items():
                 while queue and len(a.inflight) < cfg.shards_per_actor:
                     shard = queue.popleft()
-                    ref = a.handle.process.remote(shard)
+                    ref = a.handle.process.remote(shard, attempts.get(shard.name, 0))
                     a.inflight.add(ref)
                     inflight[ref] = (shard, aid)
             if not actors and time.time() - waited_since > 120:

@@ -70,9 +70,10 @@ class ShardProcessor:
     def make_stage(self, cls: type) -> Any:
         return cls(**self.stage_settings)
 
-    def __call__(self, shard: Shard) -> dict[str, Any]:
-        """Process one shard end to end; returns its state record (also written to `_state/{shard}.json`)."""
-        writer = ShardWriter(self.fs, self.root, shard.name)
+    def __call__(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:
+        """Process one shard end to end; returns its state record (also written to `_state/{shard}.json`).
+        `attempt` counts earlier tries at this shard (their temporaries are removed)."""
+        writer = ShardWriter(self.fs, self.root, shard.name, attempt)
         reader = ShardReader(shard, self.settings.storage_options)
         stop = threading.Event()
         batches: queue.Queue = queue.Queue(maxsize=self.settings.prefetch_batches)

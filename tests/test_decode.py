@@ -13,6 +13,7 @@ from PIL import Image
 from blip.image import resize_rgb
 from capfilt import synth
 from capfilt.decode import DecodeError, DecodeStage, apply_draft, decode_image, decode_image_with_size
+from tests import synth_fixtures
 
 # What the error message of each failing case must mention, so a user can tell what was wrong.
 _MESSAGE_WORDS = {
@@ -34,7 +35,7 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 @pytest.fixture(scope="module")
 def bad_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
     out = tmp_path_factory.mktemp("bad")
-    expected = synth.make_bad_corpus(str(out))
+    expected = synth_fixtures.make_bad_corpus(str(out))
     samples = list(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False))
     # the shape Ray Data hands a batch over in: numpy object arrays
     batch = {
@@ -179,7 +180,7 @@ def test_errors_for_missing_and_capped() -> None:
     assert (e.value.width, e.value.height) == (96, 96)
     # between PIL's warning and error thresholds: still an error, not a warning
     with pytest.raises(DecodeError, match="bomb"):
-        decode_image(synth.png_bomb(10_000, 10_000), 32, max_pixels=10**9)
+        decode_image(synth_fixtures.png_bomb(10_000, 10_000), 32, max_pixels=10**9)
     assert decode_image(np.frombuffer(ok, np.uint8), 8).shape == (8, 8, 3)  # bytes as a uint8 array
 
 

@@ -24,8 +24,9 @@ from click.testing import CliRunner
 from blip.config import BlipConfig
 from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
-from capfilt.synth import make_bad_corpus, write_corpus, write_truncated_shard
+from capfilt.synth import write_corpus
 from pipelines.report import COUNT_NAMES, write_report
+from tests.synth_fixtures import make_bad_corpus, write_truncated_shard
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 

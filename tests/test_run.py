@@ -19,9 +19,10 @@ from blip import save_pretrained
 from blip.config import BlipConfig
 from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
-from capfilt.synth import make_bad_corpus, write_corpus, write_truncated_shard
+from capfilt.synth import write_corpus
 from pipelines.io import ShardReader, ShardWriter, list_shards
 from pipelines.run import load_config, run_capfilt
+from tests.synth_fixtures import make_bad_corpus, write_truncated_shard
 
 TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "capfilt_tiny.yaml")
 

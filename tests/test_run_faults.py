@@ -1,5 +1,8 @@
 """`capfilt run` under faults: SIGKILL part-way then rerun (exactly once, same results), a truncated shard, an actor
-that dies mid-batch. Real Ray, real processes; tiny random models."""
+that dies mid-shard, a shard whose processing raises. Real Ray, real processes; tiny random models.
+
+Faults inside the actors come from test-only ShardProcessor subclasses defined here and passed to `run_capfilt`
+(pickled by value, so the Ray workers need not import this file): production code has no test hooks."""
 
 from __future__ import annotations
 
@@ -14,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from click.testing import CliRunner
+from ray import cloudpickle
 
-from capfilt.synth import write_corpus, write_truncated_shard
+from capfilt.synth import write_corpus
 from pipelines.run import run_capfilt
+from pipelines.worker import ShardProcessor
+from tests.synth_fixtures import write_truncated_shard
 from tests.test_run import TINY_CONFIG, capfilt_models, check_output, input_keys, tiny_config
 
 _FIXTURES = (capfilt_models,)  # pytest finds fixtures by module attribute; shared with tests/test_run.py
@@ -35,7 +40,6 @@ def _cmd(corpus: str, out: str, models: tuple[str, str]) -> list[str]:
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO))
-    env.pop("CAPFILT_TEST_CRASH_ONCE", None)
     return env
 
 
@@ -127,9 +131,40 @@ def test_sigkill_then_rerun_is_exactly_once(ray_local, tmp_path, capfilt_models)
     _same_results(got, ref)
 
 
-def test_truncated_shard_and_actor_crash(ray_local, tmp_path, capfilt_models, monkeypatch):
-    """One truncated tar among good ones, and the CapFilt actor dies in its first batch: the bad shard is reported
-    (name and reason, exit status 2); every other shard completes; no row lost or duplicated by the retry."""
+class CrashOnce(ShardProcessor):
+    """Kills its own process in the middle of its first shard (after one model batch), once per marker file."""
+
+    marker = ""
+
+    def process_batch(self, rows, decoded):
+        out = super().process_batch(rows, decoded)
+        if not os.path.exists(self.marker):
+            Path(self.marker).write_text(f"crashed pid {os.getpid()} in shard {rows[0]['shard']}\n")
+            os._exit(1)  # an actor death mid-shard: the driver replaces the actor and retries the shard elsewhere
+        return out
+
+
+class RaiseOn(ShardProcessor):
+    """Raises inside one shard every time (a poison shard): retried, then reported failed; the others complete."""
+
+    shard = ""
+
+    def process_batch(self, rows, decoded):
+        if rows[0]["shard"] == self.shard:
+            raise RuntimeError(f"poison sample in {self.shard}")
+        return super().process_batch(rows, decoded)
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _subclass(base: type, **attrs) -> type:
+    return type(base.__name__, (base,), attrs)
+
+
+def test_truncated_shard_and_actor_crash(ray_local, tmp_path, capfilt_models):
+    """One truncated tar among good ones, and the CapFilt actor dies in the middle of its first shard: the bad shard
+    is reported (name and reason); every other shard completes; no row lost or duplicated by the retry."""
     src = str(tmp_path / "src")
     write_corpus(src, 15, seed=9, image_size=64, samples_per_shard=5)
     corpus = tmp_path / "corpus"
@@ -138,14 +173,12 @@ def test_truncated_shard_and_actor_crash(ray_local, tmp_path, capfilt_models, mo
         (corpus / f"{name}.tar").write_bytes(Path(src, f"{name}.tar").read_bytes())
     readable = write_truncated_shard(f"{src}/00001.tar", str(corpus / "00001.tar"), fraction=0.6)
     crash = tmp_path / "crash.marker"
-    monkeypatch.setenv("CAPFILT_TEST_CRASH_ONCE", str(crash))
     out = str(tmp_path / "out")
-    from cli import main
-
-    r = CliRunner().invoke(main, _cmd(str(corpus), out, capfilt_models)[2:])
-    assert r.exit_code == 2, r.output
+    cfg = tiny_config(str(corpus), out, capfilt_models, batch_size=2)
+    summary = run_capfilt(cfg, processor_cls=_subclass(CrashOnce, marker=str(crash)))
     assert crash.exists(), "the injected actor crash did not happen"
-    summary = json.loads((Path(out) / "summary.json").read_text())
+    # the dead actor's shards (the one it crashed in, and the next one it had started reading) were retried
+    assert summary["driver"]["workers_lost"] == 1 and 1 <= summary["driver"]["retries"] <= cfg.shards_per_actor
     assert [f["shard"] for f in summary["failed_shards"]] == ["00001"]
     assert "ReadError" in summary["failed_shards"][0]["error"] and "00001.tar" in summary["failed_shards"][0]["path"]
     assert {s["shard"]: s["state"] for s in summary["per_shard"]} == {
@@ -154,10 +187,28 @@ def test_truncated_shard_and_actor_crash(ray_local, tmp_path, capfilt_models, mo
         "00002": "done",
     }
     keys = input_keys(f"{src}/00000.tar") | input_keys(f"{src}/00002.tar") | set(readable)
-    df = check_output(out, str(corpus), keys)  # every readable key exactly once, despite the retried batch
+    df = check_output(out, str(corpus), keys)  # every readable key exactly once, despite the retried shard
     assert (df["status"] == "ok").all()
+    assert not list(Path(out).rglob("*.tmp"))  # the dead attempt's temporaries are gone
     # the retried rows are the rows an undisturbed run gives
-    monkeypatch.delenv("CAPFILT_TEST_CRASH_ONCE")
     ref_out = str(tmp_path / "ref")
     run_capfilt(tiny_config(f"{src}/0000[02].tar", ref_out, capfilt_models, batch_size=2))
     _same_results(df[df["shard"] != "00001"], pd.read_parquet(Path(ref_out) / "parquet"))
+
+
+def test_poison_shard_is_retried_then_failed(ray_local, tmp_path, capfilt_models):
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, 9, seed=2, image_size=64, samples_per_shard=3)
+    out = str(tmp_path / "out")
+    cfg = tiny_config(corpus, out, capfilt_models, retries=2)
+    summary = run_capfilt(cfg, processor_cls=_subclass(RaiseOn, shard="00001"))
+    assert [f["shard"] for f in summary["failed_shards"]] == ["00001"]
+    err = summary["failed_shards"][0]["error"]
+    assert "gave up after 3 attempts" in err and "poison sample in 00001" in err, err
+    assert summary["driver"]["retries"] == 2 and summary["driver"]["workers_lost"] == 0
+    assert summary["counts"]["in"] == 6
+    assert not (Path(out) / "parquet" / "00001.parquet").exists() and not (Path(out) / "tars" / "00001.tar").exists()
+    # the rerun retries only the failed shard (and, the poison gone, completes it)
+    again = run_capfilt(tiny_config(corpus, out, capfilt_models))
+    assert again["shards_skipped"] == 2 and again["failed_shards"] == [] and again["counts"]["in"] == 9
+    check_output(out, corpus)

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from capfilt import synth
+from tests import synth_fixtures
 
 
 def _read_wds(paths: list[Path]) -> list[dict]:
@@ -208,7 +209,7 @@ def test_scene_pixels_show_the_objects() -> None:
 
 
 def test_bad_corpus_layout(tmp_path: Path) -> None:
-    expected = synth.make_bad_corpus(str(tmp_path))
+    expected = synth_fixtures.make_bad_corpus(str(tmp_path))
     cases = {v["case"] for v in expected.values()}
     assert {
         "truncated_jpeg",
@@ -228,14 +229,14 @@ def test_bad_corpus_layout(tmp_path: Path) -> None:
         by_case["non_utf8_caption"]["txt"].decode("utf-8")
     assert len(by_case["caption_10kb"]["txt"]) == 10_240
     assert by_case["zero_bytes"]["jpg"] == b""
-    assert len(synth.png_bomb()) < 200
+    assert len(synth_fixtures.png_bomb()) < 200
     assert pq.read_table(tmp_path / "00000.parquet").column("key").to_pylist() == sorted(expected)
 
 
 def test_truncated_shard(corpus: tuple[Path, dict], tmp_path: Path) -> None:
     out, _ = corpus
     dst = tmp_path / "00000.tar"
-    intact = synth.write_truncated_shard(str(out / "00000.tar"), str(dst), fraction=0.5)
+    intact = synth_fixtures.write_truncated_shard(str(out / "00000.tar"), str(dst), fraction=0.5)
     assert 30 < len(intact) < 70
     assert dst.stat().st_size == (out / "00000.tar").stat().st_size // 2
     with pytest.raises(tarfile.ReadError):  # a strict reader fails on the cut
