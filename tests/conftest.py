@@ -267,3 +267,25 @@ def ray_cluster(_ray_session_cleanup: None) -> Iterator[str]:
     finally:
         _ray_shutdown()
         cluster.shutdown()
+
+
+@pytest.fixture
+def ray_cluster_3(_ray_session_cleanup: None) -> Iterator[Any]:
+    """A head with no CPUs (nothing runs there but the driver's side) and two 1-CPU worker nodes; yields the
+    `ray.cluster_utils.Cluster`, so a test can remove a worker node while a job runs (`cluster.remove_node`)."""
+    from ray.cluster_utils import Cluster
+
+    _ray_shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 0, "num_gpus": 0, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
+    )
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, num_gpus=0, object_store_memory=150 * 1024**2)
+    cluster.wait_for_nodes()
+    try:
+        yield cluster
+    finally:
+        _ray_shutdown()
+        cluster.shutdown()

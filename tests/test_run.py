@@ -339,3 +339,18 @@ def test_run_bad_input_corpus(ray_local, tmp_path, capfilt_models):
         df.loc[cases["caption_10kb"], "web_itm"]
     )
     assert summary["counts"]["decode_errors"] == sum(e["status"] == "decode_error" for e in expected.values())
+
+
+def test_driver_receives_one_small_record_per_shard(ray_local, tmp_path, capfilt_models):
+    """What reaches the driver is one record per shard, of a size that does not grow with the shard's samples."""
+    per_record = {}
+    for shards, per_shard in ((16, 2), (2, 16)):
+        corpus = str(tmp_path / f"c{shards}")
+        write_corpus(corpus, shards * per_shard, seed=11, image_size=64, samples_per_shard=per_shard)
+        summary = run_capfilt(tiny_config(corpus, str(tmp_path / f"o{shards}"), capfilt_models, num_captions=1))
+        d = summary["driver"]
+        assert summary["counts"]["in"] == shards * per_shard and summary["failed_shards"] == []
+        assert d["records"] == shards and d["retries"] == 0, d
+        per_record[per_shard] = d["record_bytes"] / d["records"]
+    # 8x the samples per shard, the same record: counts and fixed-bin histograms, no rows
+    assert per_record[16] < 1.2 * per_record[2] and per_record[16] < 8_000, per_record
