@@ -13,6 +13,7 @@ over {Identity, AutoContrast, Equalize, Brightness, Sharpness, ShearX/Y, Transla
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import math
@@ -322,13 +323,40 @@ class SkipCounter:
         }
 
 
+def draw_seed(*parts: Any) -> int:
+    """A 63-bit seed from any parts (seed, epoch, rank, tar path): the same in every process and Python run
+    (unlike hash(), which is salted per process)."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def epoch_plan(tars: list[str], seed: int, epoch: int, rank: int = 0, world: int = 1) -> tuple[list[str], int, int]:
+    """What rank `rank` of `world` reads in `epoch`: (its tars in reading order, offset, stride).
+
+    The tar order is a shuffle seeded by (seed, epoch), the same on every rank; with at least one tar per rank, rank r
+    takes every world-th tar of it (offset 0, stride 1); with fewer tars than ranks, every rank reads every tar and
+    keeps the samples whose index in the tar is offset (= rank) modulo stride (= world).
+    """
+    order = sorted(tars)
+    random.Random(draw_seed(seed, epoch, "tar-order")).shuffle(order)
+    if world == 1:
+        return order, 0, 1
+    if len(order) >= world:
+        return order[rank::world], 0, 1
+    return order, rank, world
+
+
 def _tar_to_rows(
     row: dict[str, Any], aug: AugmentConfig, text: TextConfig, tokenizer: Any, counter: Any
 ) -> Iterator[dict[str, Any]]:
-    """flat_map: one tar path -> augmented, tokenised rows. Randomness is fresh each epoch (new text draw)."""
-    rng = random.Random()  # OS entropy: every epoch re-runs this with new draws, as the original's DataLoader
+    """flat_map: one tar -> augmented, tokenised rows. Every draw (text choice, crop, flip, RandAugment) comes from
+    `row["seed"]`, which is per (seed, epoch, rank, tar): new draws every epoch, the same draws on a rerun or resume."""
+    rng = random.Random(row.get("seed"))  # None (no seed given): OS entropy
+    offset, stride = row.get("offset", 0), row.get("stride", 1)
     bad: list[tuple[str, str, str]] = []
-    for group in iter_tar_groups(row["path"]):
+    for i, group in enumerate(iter_tar_groups(row["path"])):
+        if i % stride != offset and group.get("__key__") is not None:
+            continue  # another rank's sample
         p = parse_group(group, text.max_words)
         if p.status != "ok":
             bad.append((p.status, p.key, p.error))
@@ -346,17 +374,33 @@ def _tar_to_rows(
 
 
 def build_train_dataset(
-    tars: list[str], aug: AugmentConfig, text: TextConfig, tokenizer: Any, counter: Any = None, seed: int = 0
+    tars: list[str],
+    aug: AugmentConfig,
+    text: TextConfig,
+    tokenizer: Any,
+    counter: Any = None,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ):
-    """A lazy, streaming Ray Dataset of training rows: one read task per tar (tar order shuffled once by `seed`;
-    rows are mixed further by the local shuffle buffer of `iter_torch_batches`). No all-to-all step, so it streams."""
+    """One epoch of one rank's training rows as a lazy, streaming Ray Dataset: one read task per tar, in the order
+    of `epoch_plan`, rows kept in that order (preserve_order), every random draw seeded per (seed, epoch, rank, tar).
+    Rows are mixed further by the local shuffle buffer of `iter_torch_batches` (seed it with `shuffle_seed`). So one
+    (seed, epoch, rank, world) always gives the same batches. No all-to-all step, so it streams."""
     import ray.data
 
-    items = [{"path": p} for p in tars]
-    random.Random(seed).shuffle(items)
+    paths, offset, stride = epoch_plan(tars, seed, epoch, rank, world)
+    items = [{"path": p, "seed": draw_seed(seed, epoch, rank, p), "offset": offset, "stride": stride} for p in paths]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(_tar_to_rows, fn_kwargs={"aug": aug, "text": text, "tokenizer": tokenizer, "counter": counter})
+    ds.context.execution_options.preserve_order = True  # blocks in tar order, whichever read task ends first
     return ds
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local-shuffle-buffer seed of one rank's epoch (numpy takes 32..64-bit ints)."""
+    return draw_seed(seed, epoch, rank, "local-shuffle")
 
 
 def count_tar_samples(tars: list[str]) -> int:

@@ -41,6 +41,9 @@ LOSS_KEYS = {
     "retrieval": ("loss_itc", "loss_itm"),
 }
 CKPT_RE = re.compile(r"^step_(\d+)$")
+# logged with the losses of the contrastive tasks (see collapse_probe): collapse shows as img_cos_mean -> 1,
+# it_cos_std -> 0, it_cos_gap -> 0 and R@1 at chance (1 / batch)
+PROBE_KEYS = ("temp", "img_cos_mean", "img_cos_std", "it_cos_std", "it_cos_gap", "r1_i2t", "r1_t2i")
 
 
 @dataclass
@@ -315,6 +318,42 @@ def _queues(model: nn.Module) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------- worker loop
 
 
+@torch.no_grad()
+def collapse_probe(
+    model: nn.Module, pixels: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, idx: torch.Tensor
+) -> dict[str, float]:
+    """Signs of contrastive collapse on one batch (the ITC features of the online towers, eval mode, no gradient):
+
+    temp          the learned ITC temperature
+    img_cos_*     mean / std of the image-image cosines between different samples (mean -> 1: all images alike)
+    it_cos_std    std of all image-text cosines of the batch (-> 0: the similarities say nothing)
+    it_cos_gap    mean cosine of matching pairs minus that of non-matching ones
+    r1_i2t/t2i    in-batch R@1 (a hit: the top text/image belongs to the same sample id); chance is ~1 / batch
+    """
+    if not all(hasattr(model, a) for a in ("image_feat", "text_feat", "encode_image", "temp")):
+        return {}
+    was_training = model.training
+    model.eval()  # no dropout / drop path: no random draws, so logging does not change the training curve
+    try:
+        img = model.image_feat(model.encode_image(pixels)).float()  # (B, E), L2-normalised
+        txt = model.text_feat(ids, mask).float()  # (B, E)
+    finally:
+        model.train(was_training)
+    b = img.shape[0]
+    same = idx.view(-1, 1) == idx.view(1, -1)  # (B, B) same sample id (duplicates are not negatives)
+    other = ~torch.eye(b, dtype=torch.bool, device=img.device)
+    ii, it = img @ img.t(), img @ txt.t()  # (B, B)
+    return {
+        "temp": float(model.temp),
+        "img_cos_mean": float(ii[other].mean()),
+        "img_cos_std": float(ii[other].std()),
+        "it_cos_std": float(it.std()),
+        "it_cos_gap": float(it.diagonal().mean() - it[~same].mean()) if bool((~same).any()) else 0.0,
+        "r1_i2t": float(same[torch.arange(b, device=img.device), it.argmax(1)].float().mean()),
+        "r1_t2i": float(same[it.argmax(0), torch.arange(b, device=img.device)].float().mean()),
+    }
+
+
 def _barrier() -> None:
     import torch.distributed as dist
 
@@ -440,31 +479,51 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _set_rng_state(rng)
 
     keys = LOSS_KEYS[s.task]
-    log = _Log(s.output, keys, step) if rank == 0 else None
+    probe_keys = PROBE_KEYS if s.task in ("pretrain", "retrieval") else ()
+    log = _Log(s.output, keys + probe_keys, step) if rank == 0 else None
     steps_per_epoch = config["steps_per_epoch"]
     total_steps = min(s.max_steps or 10**18, s.epochs * steps_per_epoch)
     use_amp = device.type == "cuda" and s.bf16
     base_alpha = model_cfg.alpha
-    shard = ray.train.get_dataset_shard("train")
     t_start, t_last, n_last = time.time(), time.time(), 0
+
+    import ray.data
+
+    from pipelines.data import build_train_dataset, shuffle_seed
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints its own progress line
+
+    def epoch_batches(ep: int):
+        """This rank's batches of epoch `ep`: the same for the same (seed, epoch, rank, world), run after run."""
+        ds = build_train_dataset(
+            config["tars"], config["augment"], config["text"], tokenizer, config["counter"], s.seed, ep, rank, world
+        )
+        return iter(
+            ds.iter_torch_batches(
+                batch_size=s.batch_size,
+                drop_last=True,
+                local_shuffle_buffer_size=s.shuffle_buffer or None,
+                local_shuffle_seed=shuffle_seed(s.seed, ep, rank) if s.shuffle_buffer else None,
+                device=device,
+            )
+        )
 
     model.train()
     last_ckpt = step
     while epoch < s.epochs and step < total_steps:
-        it = iter(
-            shard.iter_torch_batches(
-                batch_size=s.batch_size,
-                drop_last=True,
-                local_shuffle_buffer_size=s.shuffle_buffer or None,
-                device=device,
-            )
-        )
+        it = epoch_batches(epoch)
+        # resumed mid-epoch: replay (without training) the batches this epoch already trained on, so the run goes on
+        # with exactly the batches and augmentation draws the uninterrupted run would have had
+        for _ in range(step_in_epoch):
+            if next(it, None) is None:
+                break
         batch: dict[str, torch.Tensor] | None = None
         while step < total_steps and step_in_epoch < steps_per_epoch:
             batch = next(it, None)
             # every rank must run the same number of steps, or the DDP all-reduce hangs
             if _all_min(int(batch is not None), device) == 0:
                 break
+            will_log = rank == 0 and ((step + 1) % s.log_every == 0 or step + 1 == total_steps)
             lr = learning_rate(s, epoch, step_in_epoch)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -472,6 +531,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             length = int(batch["attention_mask"].sum(1).max())  # trim to the longest text (padding="longest")
             ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                # collapse signs on this batch, before the step trains on it (no gradient, no random draws)
+                probe = collapse_probe(raw, pixels, ids, mask, batch["idx"]) if will_log and probe_keys else {}
                 if s.task == "pretrain":
                     alpha = alpha_at(s, base_alpha, epoch, step_in_epoch, steps_per_epoch)
                     if s.itc_warmup_steps and step == s.itc_warmup_steps:
@@ -492,7 +553,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step_in_epoch += 1
             n_last += s.batch_size * world
 
-            if rank == 0 and (step % s.log_every == 0 or step == total_steps):
+            if will_log:
                 now = time.time()
                 row = {
                     "step": step,
@@ -500,12 +561,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "lr": lr,
                     "loss": float(loss.detach()),
                     **{k: float(losses[k].detach()) for k in keys},
+                    **probe,
                     "samples_per_s": n_last / max(now - t_last, 1e-9),
                     "elapsed_s": now - t_start,
                 }
                 log.write(row)
                 t_last, n_last = now, 0
                 parts = " ".join(f"{k[5:]} {row[k]:.3f}" for k in keys)
+                if probe:
+                    parts += f" | temp {probe['temp']:.3f} R@1 {probe['r1_i2t']:.2f}/{probe['r1_t2i']:.2f}"
                 done = int(20 * step / total_steps)
                 print(
                     f"[{s.task}] [{'#' * done}{'.' * (20 - done)}] step {step}/{total_steps} ep {epoch} | {parts} | "
@@ -584,16 +648,24 @@ def plot_losses(output: str | Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k in rows[0] if k.startswith("loss")]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(4 * (len(keys) + 1), 3.2))
+    # one panel per loss, the learning rate, then the collapse probe (contrastive tasks): temp, cosines, R@1
+    panels: list[tuple[str, list[str]]] = [(k, [k]) for k in rows[0] if k.startswith("loss")]
+    panels.append(("learning rate", ["lr"]))
+    if "temp" in rows[0]:
+        panels += [
+            ("ITC temperature", ["temp"]),
+            ("cosines (collapse: img mean -> 1, std/gap -> 0)", ["img_cos_mean", "img_cos_std", "it_cos_std", "it_cos_gap"]),
+            ("in-batch R@1", ["r1_i2t", "r1_t2i"]),
+        ]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
     steps = [r["step"] for r in rows]
-    for ax, k in zip(axes, keys):
-        ax.plot(steps, [r[k] for r in rows])
-        ax.set_title(k)
+    for ax, (title, cols) in zip(axes[0], panels):
+        for c in cols:
+            ax.plot(steps, [r.get(c, float("nan")) for r in rows], label=c if len(cols) > 1 else None)
+        if len(cols) > 1:
+            ax.legend(fontsize=7)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
-    axes[-1].plot(steps, [r["lr"] for r in rows])
-    axes[-1].set_title("learning rate")
-    axes[-1].set_xlabel("step")
     fig.tight_layout()
     out = Path(output) / "loss_curves.png"
     fig.savefig(out, dpi=100)
@@ -608,7 +680,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.data import AugmentConfig, SkipCounter, build_train_dataset, count_tar_samples, list_tars
+    from pipelines.data import AugmentConfig, SkipCounter, count_tar_samples, list_tars
     from pipelines.data import TextConfig as DataTextConfig
 
     s.resolve_paths()
@@ -643,14 +715,10 @@ def train(s: TrainSettings) -> dict[str, Any]:
 
     _init_ray(s)
     use_gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
-    import ray.data
-
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer prints its own progress line
     counter = ray.remote(SkipCounter).options(num_cpus=0).remote()
     aug = AugmentConfig(cfg.vision.image_size, s.min_scale, s.hflip, s.rand_aug_n, s.rand_aug_m)
     prompt = cfg.prompt if s.task == "caption" else ""
     text = DataTextConfig(max_words=s.max_words, max_length=s.max_length, prompt=prompt)
-    ds = build_train_dataset(tars, aug, text, tok, counter, seed=s.seed)
 
     loop_config = {
         "settings": asdict(s),
@@ -660,6 +728,12 @@ def train(s: TrainSettings) -> dict[str, Any]:
         "train_state_ref": ray.put(train_state) if train_state is not None else None,
         "rng_states": rng_states,
         "steps_per_epoch": steps_per_epoch,
+        # each rank streams its own epochs (pipelines.data.build_train_dataset): order and draws seeded per
+        # (seed, epoch, rank), so a rerun or a resume sees the same batches
+        "tars": tars,
+        "augment": aug,
+        "text": text,
+        "counter": counter,
     }
     del model, train_state
     trainer = TorchTrainer(
@@ -670,7 +744,6 @@ def train(s: TrainSettings) -> dict[str, Any]:
             num_workers=s.workers, use_gpu=use_gpu, resources_per_worker={"CPU": s.cpus_per_worker}
         ),
         run_config=RunConfig(name="capfilt_" + s.task, storage_path=str((out / "ray_results").resolve())),
-        datasets={"train": ds},
     )
     t0 = time.time()
     result = trainer.fit()

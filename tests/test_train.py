@@ -80,6 +80,67 @@ def test_train_augmentations_shapes_and_randomness():
     assert crop.size == (16, 16)
 
 
+def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
+    """Data order and every random draw are a function of (seed, epoch, rank, world): same in, same rows out."""
+    from blip.tokenizer import build_tokenizer
+    from pipelines.data import AugmentConfig, TextConfig, _tar_to_rows, draw_seed, epoch_plan, list_tars
+
+    tars = [f"t{i}.tar" for i in range(5)]
+    assert epoch_plan(tars, 7, 0) == epoch_plan(list(reversed(tars)), 7, 0)  # the order of --data does not matter
+    assert epoch_plan(tars, 7, 0)[0] != epoch_plan(tars, 7, 1)[0]  # reshuffled per epoch
+    for world in (2, 3):  # at least one tar per rank: each tar read by exactly one rank
+        parts = [epoch_plan(tars, 7, 3, r, world) for r in range(world)]
+        assert sorted(p for ps, _, _ in parts for p in ps) == sorted(tars) and {(o, s) for _, o, s in parts} == {(0, 1)}
+    parts = [epoch_plan(tars[:2], 7, 0, r, 4) for r in range(4)]  # fewer tars than ranks: every rank strides
+    assert [(o, s) for _, o, s in parts] == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    assert draw_seed(1, 2, 0, "a") == draw_seed(1, 2, 0, "a") != draw_seed(1, 3, 0, "a")
+
+    write_tars(tmp_path / "d", 12, per_tar=12)
+    (path,) = list_tars(str(tmp_path / "d"))
+    aug, text, tok = AugmentConfig(32, 0.5, True, 2, 5), TextConfig(), build_tokenizer(tiny_vocab_dir)
+
+    def rows(seed, offset=0, stride=1):
+        row = {"path": path, "seed": seed, "offset": offset, "stride": stride}
+        return [(r["image"].tobytes(), r["idx"]) for r in _tar_to_rows(row, aug, text, tok, None)]
+
+    assert rows(5) == rows(5) and [i for _, i in rows(5)] == [i for _, i in rows(6)]
+    assert [b for b, _ in rows(5)] != [b for b, _ in rows(6)]  # new crops/flips/ops with another seed
+    halves = [i for _, i in rows(5, 0, 2)] + [i for _, i in rows(5, 1, 2)]
+    assert sorted(halves) == sorted(i for _, i in rows(5)) and len(halves) == 12
+
+
+def test_collapse_probe_on_collapsed_and_separated_features():
+    import torch
+
+    from pipelines.train import PROBE_KEYS, collapse_probe
+
+    class Toy(torch.nn.Module):  # the probe's view of a model: ITC features and a temperature
+        def __init__(self, img, txt):
+            super().__init__()
+            self.img, self.txt, self.temp = img, txt, torch.nn.Parameter(torch.tensor(0.07))
+
+        def encode_image(self, px):
+            return self.img[:, None]
+
+        def image_feat(self, emb):
+            return torch.nn.functional.normalize(emb[:, 0], dim=-1)
+
+        def text_feat(self, ids, mask):
+            return torch.nn.functional.normalize(self.txt, dim=-1)
+
+    eye, idx = torch.eye(8), torch.arange(8)
+    good = collapse_probe(Toy(eye, eye), None, None, None, idx)
+    assert set(good) == set(PROBE_KEYS) and good["r1_i2t"] == good["r1_t2i"] == 1.0
+    assert good["img_cos_mean"] == pytest.approx(0.0) and good["it_cos_gap"] == pytest.approx(1.0)
+    same = torch.ones(8, 4) + 1e-4 * torch.randn(8, 4)
+    bad = collapse_probe(Toy(same, same), None, None, None, idx)
+    assert bad["img_cos_mean"] > 0.999 and bad["it_cos_std"] < 1e-3 and abs(bad["it_cos_gap"]) < 1e-3
+    dup = collapse_probe(
+        Toy(eye, eye[[1, 0, 2, 3, 4, 5, 6, 7]]), None, None, None, torch.tensor([0, 0, 2, 3, 4, 5, 6, 7])
+    )
+    assert dup["r1_i2t"] == 1.0  # a text of the same sample id (two captions of one image) is a hit
+
+
 def test_cli_no_tars_and_queue_errors_are_clear(tmp_path, tiny_vocab_dir):
     from cli import main
 
@@ -186,11 +247,19 @@ def test_finetuned_captioner_and_filter_load_in_capfilt(pretrained, corpus, tmp_
 
 @pytest.mark.slow
 def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
-    """2 DDP workers (gloo): SIGKILL after a checkpoint, --resume continues from it; losses drop; ranks agree."""
+    """2 DDP workers (gloo): SIGKILL mid-epoch after a checkpoint, --resume continues from it with the batches the
+    epoch had not seen yet, so the loss curve is the one of an uninterrupted run with the same config (the same
+    config, run twice, gives the same curve); losses drop; ranks agree."""
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "cli.py"), "pretrain", "--config", TINY, "--data", str(corpus)]
-    cmd += ["--output", str(out), "--tokenizer", str(tiny_vocab_dir), "--workers", "2", "--max-steps", "24"]
-    cmd += ["--checkpoint-every", "8", "--set", "queue_size=16"] + [f"--set={k}={v}" for k, v in LEARN.items()]
+
+    def command(output):
+        cmd = [sys.executable, str(ROOT / "cli.py"), "pretrain", "--config", TINY, "--data", str(corpus)]
+        cmd += ["--output", str(output), "--tokenizer", str(tiny_vocab_dir), "--workers", "2", "--max-steps", "24"]
+        return (
+            cmd + ["--checkpoint-every", "8", "--set", "queue_size=16"] + [f"--set={k}={v}" for k, v in LEARN.items()]
+        )
+
+    cmd = command(out)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log1 = open(tmp_path / "first.log", "w")
     p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
@@ -207,6 +276,7 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
 
     killed_at = int(latest_checkpoint(out).name.split("_")[1])
     assert 8 <= killed_at < 24 and not (out / "train_summary.json").exists()
+    assert killed_at % 15 != 0  # mid-epoch: 240 samples / global batch 16 = 15 steps per epoch
 
     r = subprocess.run(cmd + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -217,3 +287,12 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
     rows = _losses(out)
     assert [r["step"] for r in rows] == list(range(1, 25))  # each step once: redone steps replace the lost ones
     _assert_all_losses_drop(rows)
+
+    # the uninterrupted run of the same config: the same curve, step for step (CPU float noise at most)
+    ref = tmp_path / "uninterrupted"
+    r = subprocess.run(command(ref), cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    want = _losses(ref)
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in want] and want[-1]["epoch"] == 1
+    for k in ("loss", "loss_itc", "loss_itm", "loss_lm", "r1_i2t", "img_cos_mean"):
+        np.testing.assert_allclose([r[k] for r in rows], [r[k] for r in want], rtol=1e-5, atol=1e-6, err_msg=k)
