@@ -133,3 +133,22 @@ def test_interpolate_pos_embed() -> None:
     torch.testing.assert_close(there_and_back, ramp, atol=2e-2, rtol=0)
     with pytest.raises(ValueError, match="square"):
         interpolate_pos_embed(pos, 20)
+
+
+def test_config_from_original_cross_attention_widths() -> None:
+    """Image-grounded towers read the vision width, the VQA answer decoder the text width; anything else is named."""
+    vqa = _ours("vqa", vision={"width": 192, "heads": 3})
+    sd = vqa.state_dict()
+    assert config_from_original(sd).vision.width == 192
+    bad = dict(sd)
+    key = "text_decoder.bert.encoder.layer.0.crossattention.self.key.weight"
+    bad[key] = torch.zeros(128, 192)  # an answer decoder reading image tokens: not a BLIP VQA model
+    with pytest.raises(
+        ValueError, match=r"text_decoder\.bert\..*reads 192-d inputs, but its question states are 128-d"
+    ):
+        config_from_original(bad)
+    cap = _ours("caption", vision={"width": 192, "heads": 3}).state_dict()
+    cap["text_decoder.bert.encoder.layer.1.crossattention.self.key.weight"] = torch.zeros(128, 128)
+    cap["text_decoder.bert.encoder.layer.0.crossattention.self.key.weight"] = torch.zeros(128, 128)
+    with pytest.raises(ValueError, match="reads 128-d inputs, but its image tokens are 192-d"):
+        config_from_original(cap)
