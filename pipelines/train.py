@@ -657,9 +657,13 @@ def plot_losses(output: str | Path) -> Path | None:
             ("cosines (collapse: img mean -> 1, std/gap -> 0)", ["img_cos_mean", "img_cos_std", "it_cos_std", "it_cos_gap"]),
             ("in-batch R@1", ["r1_i2t", "r1_t2i"]),
         ]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), squeeze=False)
+    ncols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     steps = [r["step"] for r in rows]
-    for ax, (title, cols) in zip(axes[0], panels):
+    for ax, (title, cols) in zip(axes.flat, panels):
         for c in cols:
             ax.plot(steps, [r.get(c, float("nan")) for r in rows], label=c if len(cols) > 1 else None)
         if len(cols) > 1:
