@@ -11,9 +11,9 @@ import torch
 import transformers
 
 import blip
+from blip.checkpoint import CheckpointError
 from blip.config import BlipConfig
 from blip.convert import config_to_hf, interpolate_pos_embed, original_to_hf
-from blip.checkpoint import CheckpointError
 from blip.model import MODEL_CLASSES, BlipRetrieval
 from blip.tokenizer import build_tokenizer
 
