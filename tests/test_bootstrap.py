@@ -1,9 +1,13 @@
 """The whole bootstrap loop (configs/bootstrap_ci.yaml, a small version of the demo) end to end, then a rerun that
-skips every finished step. Run through the CLI in a child process so it owns its Ray runtime."""
+skips every finished step. Run as a new user runs the README's command: `capfilt bootstrap --config <shipped config>`
+in a fresh copy of the repository (its relative `workdir` as shipped, no --workdir), in a child process that owns its
+Ray runtime, whose workers do not run in that folder."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -18,19 +22,41 @@ STEPS = ["data", "pretrain_noisy", "finetune_captioner", "finetune_filter", "cap
          "finetune_captioner_capfilt", "eval_noisy", "eval_capfilt", "filter_quality"]  # fmt: skip
 
 
-def _bootstrap(workdir: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-c", "import cli; cli.main()", "bootstrap", "--config", "bootstrap_ci.yaml"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _clone(dst: Path) -> Path:
+    """The working tree as `git clone` would give it (tracked + new files, nothing git ignores: no runs/, no .venv)."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.decode().split("\0")  # fmt: skip
+    for rel in filter(None, files):
+        if (ROOT / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dst / rel)
+    return dst
+
+
+def _bootstrap(clone: Path) -> subprocess.CompletedProcess:
+    """The README's command, from the clone's root; the clone's code first on the path (not the editable install)."""
+    exe = Path(sys.executable).parent / "capfilt"
+    cli = [str(exe)] if exe.is_file() else [sys.executable, "-c", "import cli; cli.main()"]
+    env = {**os.environ, "PYTHONPATH": str(clone)}
     return subprocess.run(
-        cmd + ["--workdir", str(workdir)], capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1]
-    )
+        cli + ["bootstrap", "--config", "configs/bootstrap_ci.yaml"],
+        capture_output=True, text=True, timeout=1200, cwd=clone, env=env,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
 def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
-    work = tmp_path / "boot"
-    p = _bootstrap(work)
+    clone = _clone(tmp_path / "clone")
+    assert "workdir: runs/" in (clone / "configs" / "bootstrap_ci.yaml").read_text()  # relative, as the demo's
+    work = clone / "runs" / "bootstrap_ci"
+    p = _bootstrap(clone)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "report:" in p.stdout and "C+F" in p.stdout
+    assert "C+F" in p.stdout and f"report: {work / 'bootstrap_report.json'}" in p.stdout
 
     report = json.loads((work / "bootstrap_report.json").read_text())
     for row in ("no bootstrap", "C+F"):
@@ -55,7 +81,7 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert (work / "pretrain_capfilt" / "model.safetensors").is_file()
 
     t0 = time.time()
-    again = _bootstrap(work)
+    again = _bootstrap(clone)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, skipped") == len(STEPS)
     assert time.time() - t0 < 120
