@@ -433,8 +433,12 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
 @click.option("--num-captions", type=int, default=None, help="Synthetic captions per image.")
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling p.")
 @click.option("--threshold", type=float, default=None, help="Keep a text when its ITM match probability >= this.")
-@click.option("--batch-size", type=int, default=None, help="Images per CapFilt actor call.")
+@click.option("--batch-size", type=int, default=None, help="Images per model batch.")
 @click.option("--actors", type=int, default=None, help="CapFilt actors (default: one per GPU, or one CPU actor).")
+@click.option(
+    "--decode-threads", type=int, default=None, help="Decode threads per actor (default: 4 on GPU, reserved as CPUs)."
+)
+@click.option("--retries", type=int, default=None, help="Retries of a shard whose actor died or that raised.")
 @device_options(device=None, dtype=None)
 @click.option("--seed", type=int, default=None, help="Caption seed (combined with each sample key).")
 @click.option(

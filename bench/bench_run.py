@@ -1,22 +1,31 @@
 """`capfilt run` throughput vs the bare CapFiltStage loop on the same data and models; prints the ratio.
 
 The bare loop: decode every sample in this process (not timed), then time only `CapFiltStage.__call__` over batches,
-i.e. the model work with no Ray, no I/O and no writing. `capfilt run` is timed end to end (Ray start excluded: Ray
-is started before the clock), so the ratio says how much the job adds on top of the models. Goal on GPU: >= 0.9.
+i.e. the model work with no Ray, no I/O and no writing. `capfilt run` runs twice on the same number of shards, once
+with 1/8 of the samples: the difference in time is the steady state (actor start-up and model loading, paid once per
+job, cancel out). Ray is started before the clocks. Also printed: the driver's CPU seconds per 1,000 samples
+(this process is the driver), which should be ~0 and not grow with the samples per shard. Goal: ratio >= 0.9.
 
-    python bench/bench_run.py --samples 2000 --captioner DIR --filter DIR [--batch-size 32] [--device cuda]
-    python bench/bench_run.py --samples 64 --tiny        # CPU smoke run with tiny random models
+    python bench/bench_run.py --tiny --config configs/capfilt_tiny.yaml   # CPU, tiny random models, 4096 samples
+    python bench/bench_run.py --captioner DIR --filter DIR --device cuda --batch-size 64   # GPU, real models
+    git worktree add /tmp/old OLD_COMMIT && python bench/bench_run.py --tiny --config ... --code /tmp/old
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "configs" / "capfilt.yaml"
 
 
 def _tiny_models(root: Path) -> tuple[str, str]:
@@ -47,11 +56,7 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
     from capfilt.stages import CapFiltStage
     from pipelines.io import ShardReader, list_shards
 
-    stage = CapFiltStage(
-        cfg.captioner, cfg.filter, num_captions=cfg.num_captions, top_p=cfg.top_p, max_length=cfg.max_length,
-        min_length=cfg.min_length, repetition_penalty=cfg.repetition_penalty, threshold=cfg.threshold,
-        device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, seed=cfg.seed,
-    )  # fmt: skip
+    stage = CapFiltStage(**cfg.stage_settings())
     stage.setup()
     if stage._device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.actor_cpus)))  # the same threads as one CPU actor
@@ -71,25 +76,55 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
     return time.perf_counter() - t, n
 
 
+# Runs in a child interpreter whose imports come from `--code` (default: this checkout), so the same measurement can
+# be taken of another version of capfilt (e.g. the previous design, from a `git worktree`).
+_JOBS = """
+import json, sys, time
+import ray
+from pipelines.run import load_config, run_capfilt
+config, overrides, jobs = json.loads(sys.argv[1])
+ray.init(include_dashboard=False, log_to_driver=False)
+out = []
+for corpus, folder in jobs:
+    cfg = load_config(config, input=corpus, output=folder, progress=False, **overrides)
+    cpu, t = time.process_time(), time.perf_counter()
+    s = run_capfilt(cfg, echo=lambda m: None)
+    out.append({"wall": time.perf_counter() - t, "cpu": time.process_time() - cpu, "in": s["counts"]["in"],
+                "failed": len(s["failed_shards"])})
+ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
+def run_jobs(code: Path, config: str, overrides: dict, jobs: list[tuple[str, str]]) -> list[dict]:
+    """`capfilt run` on each (corpus, output) in one child process (Ray started before the clocks)."""
+    env = {**os.environ, "PYTHONPATH": str(code), "RAY_USAGE_STATS_ENABLED": "0"}
+    arg = json.dumps([config, overrides, jobs])
+    r = subprocess.run([sys.executable, "-c", _JOBS, arg], env=env, cwd=code, capture_output=True, text=True)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if r.returncode or line is None:
+        raise RuntimeError(f"capfilt run failed:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return json.loads(line[len("RESULT ") :])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=256)
-    ap.add_argument("--samples-per-shard", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--image-size", type=int, default=256, help="synthetic corpus image size (decoded to model size)")
     ap.add_argument("--captioner")
     ap.add_argument("--filter")
-    ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU smoke run)")
+    ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU)")
     ap.add_argument("--config", default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--num-captions", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--code", default=str(REPO), help="capfilt checkout whose `capfilt run` is measured")
     args = ap.parse_args()
 
-    import ray
-
     from capfilt.synth import write_corpus
-    from pipelines.run import load_config, run_capfilt
+    from pipelines.run import load_config
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_run_"))
     cap, filt = args.captioner, args.filter
@@ -97,28 +132,42 @@ def main() -> None:
         cap, filt = _tiny_models(work)
     if not (cap and filt):
         ap.error("give --captioner and --filter, or --tiny")
-    corpus = str(work / "corpus")
-    write_corpus(corpus, args.samples, image_size=args.image_size, samples_per_shard=args.samples_per_shard)
+    # the same shard count at two sizes: the difference is the steady state (actor start-up and model loading,
+    # paid once per job, cancel out), and the driver's cost per sample shows whether it depends on sample count
+    per_shard = max(1, args.samples // args.shards)
+    small_per_shard = max(1, per_shard // 8)
+    big, small = str(work / "corpus"), str(work / "corpus_small")
+    write_corpus(big, per_shard * args.shards, image_size=args.image_size, samples_per_shard=per_shard)
+    write_corpus(small, small_per_shard * args.shards, image_size=args.image_size, samples_per_shard=small_per_shard)
     cfg = load_config(
-        args.config, input=corpus, output=str(work / "out"), captioner=cap, filter=filt, batch_size=args.batch_size,
+        args.config, input=big, output=str(work / "out"), captioner=cap, filter=filt, batch_size=args.batch_size,
         num_captions=args.num_captions, device=args.device, progress=False,
     )  # fmt: skip
 
-    bare_s, n = bare_loop(cfg, corpus)
-    ray.init(include_dashboard=False, log_to_driver=False)
-    t = time.perf_counter()
-    summary = run_capfilt(cfg, echo=lambda m: None)
-    job_s = time.perf_counter() - t
-    ray.shutdown()
-    assert summary["counts"]["in"] == n, summary["counts"]
+    bare_s, n = bare_loop(cfg, big)
+    keys = ("captioner", "filter", "num_captions", "batch_size", "device")
+    overrides = {k: getattr(cfg, k) for k in keys}
+    code = Path(args.code).resolve()
+    # a first job warms up what only the first one pays (Ray's worker processes, imports, matplotlib)
+    jobs = [(small, str(work / "out_warmup")), (small, str(work / "out_small")), (big, str(work / "out_big"))]
+    (_, r_small, r_big) = run_jobs(code, str(Path(args.config or DEFAULT_CONFIG).resolve()), overrides, jobs)
+    n_small = r_small["in"]
+    assert r_big["in"] == n and not r_big["failed"], r_big
+    steady = (n - n_small) / (r_big["wall"] - r_small["wall"])
     result = {
+        "code": str(code),
         "samples": n,
+        "shards": args.shards,
         "batch_size": cfg.batch_size,
         "num_captions": cfg.num_captions,
         "bare_stage_samples_per_s": round(n / bare_s, 2),
-        "capfilt_run_samples_per_s": round(n / job_s, 2),
-        "ratio_run_over_bare": round(bare_s / job_s, 3),
-        "note": "capfilt run time includes actor start-up (model load) and writing; Ray start excluded",
+        "capfilt_run_samples_per_s_end_to_end": round(n / r_big["wall"], 2),
+        "capfilt_run_samples_per_s_steady": round(steady, 2),
+        "ratio_run_over_bare_steady": round(steady / (n / bare_s), 3),
+        "driver_cpu_s_per_1000_samples": round(1000 * r_big["cpu"] / n, 3),
+        "driver_cpu_s_per_1000_samples_marginal": round(1000 * (r_big["cpu"] - r_small["cpu"]) / (n - n_small), 3),
+        "driver_cpu_s_per_shard": round(r_big["cpu"] / args.shards, 4),
+        "jobs": {"small": [n_small, round(r_small["wall"], 2)], "big": [n, round(r_big["wall"], 2)]},
     }
     print(json.dumps(result, indent=2))
 

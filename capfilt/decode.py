@@ -83,12 +83,17 @@ def apply_draft(img: Image.Image, image_size: int) -> bool:
     return True
 
 
-def decode_image_with_size(
+def load_rgb(
     data: bytes | bytearray | memoryview | np.ndarray | None,
-    image_size: int,
+    draft_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> tuple[np.ndarray, int, int]:
-    """Like `decode_image`, also returning the original (width, height), as displayed (after EXIF orientation)."""
+) -> tuple[Image.Image, int, int]:
+    """Image bytes -> (RGB PIL image, original width, height as displayed); raises `DecodeError` with a useful message.
+
+    The one decoder of the project (CapFilt, training data and the report all call it): size cap from the header
+    before any pixel is decoded, JPEG draft when `draft_size` allows it, the first frame of an animation, EXIF
+    orientation, every mode to RGB (alpha composited on white, 16-bit scaled to 8).
+    """
     raw = _to_bytes(data)
     width = height = 0
     try:
@@ -107,7 +112,8 @@ def decode_image_with_size(
                 )
             if width < 1 or height < 1:
                 raise DecodeError(f"image has no pixels ({width}x{height})", width, height)
-            apply_draft(img, image_size)
+            if draft_size is not None:
+                apply_draft(img, draft_size)
             img.load()  # the first frame of an animation; raises on truncated or corrupt data
             loaded = img.size
             try:
@@ -116,7 +122,7 @@ def decode_image_with_size(
                 pass
             if img.size != loaded:  # rotated by 90 or 270 degrees
                 width, height = height, width
-            pixels = resize_rgb(_to_rgb(img), image_size)  # (S, S, 3) uint8
+            rgb = _to_rgb(img)
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -127,7 +133,20 @@ def decode_image_with_size(
         raise DecodeError(f"out of memory decoding a {width}x{height} image", width, height) from e
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, ...
         raise DecodeError(f"corrupt image: {type(e).__name__}: {e}", width, height) from e
-    return pixels, width, height
+    return rgb, width, height
+
+
+def decode_image_with_size(
+    data: bytes | bytearray | memoryview | np.ndarray | None,
+    image_size: int,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> tuple[np.ndarray, int, int]:
+    """Like `decode_image`, also returning the original (width, height), as displayed (after EXIF orientation)."""
+    rgb, width, height = load_rgb(data, image_size, max_pixels)
+    try:
+        return resize_rgb(rgb, image_size), width, height  # (S, S, 3) uint8
+    except MemoryError as e:
+        raise DecodeError(f"out of memory resizing a {width}x{height} image", width, height) from e
 
 
 def decode_image(

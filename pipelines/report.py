@@ -23,8 +23,6 @@ import io
 import json
 import math
 import posixpath
-import tarfile
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +35,6 @@ from pipelines.io import OUT_COLUMNS
 
 THUMB_PX = 128  # longest side of a contact-sheet thumbnail
 THUMB_QUALITY = 80
-THUMB_MAX_PIXELS = 89_478_485  # as capfilt.decode: refuse decompression bombs from the header alone
 HIST_BINS = 50
 DEFAULT_THRESHOLD = 0.5
 MAX_SHARD_ROWS = 1000  # shard table rows shown (failed shards always first)
@@ -101,17 +98,6 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | Non
         return None
     with fs.open(path, "rb") as f:
         return json.load(f)
-
-
-def _dig(d: dict[str, Any] | None, *paths: str) -> Any:
-    """The first present value among dotted paths (`config.threshold`), so the page survives schema growth."""
-    for p in paths:
-        cur: Any = d
-        for part in p.split("."):
-            cur = cur.get(part) if isinstance(cur, dict) else None
-        if cur is not None:
-            return cur
-    return None
 
 
 def _margin(row: dict[str, Any], threshold: float) -> float:
@@ -201,46 +187,31 @@ def _pick_cards(
 
 
 def thumbnail(data: bytes, px: int = THUMB_PX) -> tuple[str, int, int]:
-    """Image bytes -> (JPEG data URI, width, height), the longest side `px`. Raises on anything PIL cannot decode."""
-    from PIL import Image, ImageOps
+    """Image bytes -> (JPEG data URI, width, height), the longest side `px`; raises DecodeError on a bad image.
+    Decoded by capfilt.decode (a big JPEG decodes at 1/2..1/8 scale), so the report sees CapFilt's pixels."""
+    from PIL import Image
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        img = Image.open(io.BytesIO(data))
-        if img.size[0] * img.size[1] > THUMB_MAX_PIXELS:
-            raise ValueError(f"image too large: {img.size[0]}x{img.size[1]} pixels")
-        if img.format == "JPEG":
-            img.draft("RGB", (px, px))  # decode at 1/2..1/8 scale: a big JPEG never decodes at full size
-        img.load()
-        try:
-            img = ImageOps.exif_transpose(img)
-        except Exception:  # noqa: BLE001 - a broken EXIF block must not lose the thumbnail
-            pass
-        if img.mode in ("RGBA", "LA", "PA", "P"):
-            rgba = img.convert("RGBA")
-            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        img = img.convert("RGB")
-        img.thumbnail((px, px), Image.Resampling.BICUBIC)
-        buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=THUMB_QUALITY)
+    from capfilt.decode import load_rgb
+
+    img, _, _ = load_rgb(data, draft_size=px)
+    img.thumbnail((px, px), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=THUMB_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), img.size[0], img.size[1]
 
 
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-
-
 def _images_from_tar(fs: fsspec.AbstractFileSystem, path: str, keys: set[str]) -> dict[str, bytes]:
-    """Image bytes of `keys` from a webdataset tar, streaming (object stores read it once, front to back)."""
+    """Image bytes of `keys` from a webdataset tar (the reader `capfilt run` uses: same key rule, streaming)."""
+    from pipelines.io import IMAGE_EXTS, iter_tar_samples
+
     out: dict[str, bytes] = {}
     if not keys or not fs.isfile(path):
         return out
-    with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tf:
-        for m in tf:
-            if not m.isfile():
-                continue
-            key, _, ext = m.name.partition(".")
-            if key in keys and ext.lower() in _IMAGE_EXTS and key not in out:
-                out[key] = tf.extractfile(m).read()
+    with fs.open(path, "rb") as f:
+        for key, files in iter_tar_samples(f):
+            ext = next((e for e in IMAGE_EXTS if e in files), None)
+            if key in keys and ext is not None and key not in out:
+                out[key] = files[ext]
                 if len(out) == len(keys):
                     break
     return out
@@ -328,29 +299,19 @@ def histogram_charts(hists: dict[str, np.ndarray], threshold: float) -> list[tup
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from pipelines.summary import draw_scores
+
     charts = []
     panels = [
         ("ITM match probability: web texts", ["web_itm"], (0.0, 1.0), True),
         ("ITM match probability: synthetic captions", ["synthetic_itm"], (0.0, 1.0), True),
         ("ITC cosine similarity", ["web_itc", "synthetic_itc"], (-1.0, 1.0), False),
     ]
-    colors = {"web_itm": "#1f77b4", "web_itc": "#1f77b4", "synthetic_itm": "#ff7f0e", "synthetic_itc": "#ff7f0e"}
     for title, names, (lo, hi), mark in panels:
         fig, ax = plt.subplots(figsize=(4.8, 2.8))
-        edges = np.linspace(lo, hi, HIST_BINS + 1)
-        n = 0
-        for name in names:
-            counts = hists[name]
-            n += int(counts.sum())
-            label = f"{'web' if name.startswith('web') else 'synthetic'} (n={int(counts.sum())})"
-            ax.stairs(counts, edges, fill=True, alpha=0.55, color=colors[name], label=label)
-        if mark:
-            ax.axvline(threshold, color="#d62728", linestyle="--", linewidth=1.5, label=f"threshold {threshold:g}")
-        ax.set_xlim(lo, hi)
+        n = draw_scores(ax, hists, names, lo, hi, threshold if mark else None)
         ax.set_xlabel("score")
-        ax.set_ylabel("texts")
         ax.set_title(title, fontsize=10)
-        ax.legend(fontsize=8, loc="best")
         charts.append((title, _png(fig), n))
     return charts
 
@@ -530,7 +491,7 @@ def render_html(
         count_table += (
             f'<p class="meta">kept {100 * counts.get("kept", 0) / counts["in"]:.1f}% of the input samples.</p>'
         )
-    failed = [f for f in (_dig(summary, "failed_shards") or []) if isinstance(f, dict)]
+    failed = (summary or {}).get("failed_shards", [])
     if failed:
         count_table += "<p><b>failed shards</b> (rerun the same `capfilt run` to retry them):</p><ul>" + "".join(
             f'<li><span class="key">{_e(f.get("path") or f.get("shard"))}</span>: {_e(f.get("error"))}</li>'
@@ -548,7 +509,7 @@ def render_html(
     bar_img = f'<img src="{bar}" alt="kept and dropped per shard">' if bar else ""
     settings = {
         **({"captioner": summary.get("captioner"), "filter": summary.get("filter")} if summary else {}),
-        **(_dig(summary, "settings") or {}),
+        **((summary or {}).get("settings") or {}),
     }
     settings_html = ""
     if isinstance(settings, dict) and settings:
@@ -589,7 +550,7 @@ threshold first, then samples that failed. Green scores pass the threshold.</p>
 
 def _quantile_table(summary: dict[str, Any] | None) -> str:
     """summary.json's score quantiles (from its merged histograms), one row per score."""
-    qs = _dig(summary, "quantiles")
+    qs = (summary or {}).get("quantiles")
     if not isinstance(qs, dict) or not any(isinstance(v, dict) for v in qs.values()):
         return ""
     cols = sorted({k for v in qs.values() if isinstance(v, dict) for k in v}, key=lambda k: float(k.lstrip("p")))
@@ -649,11 +610,12 @@ def write_report(
     if not fs.isdir(root):
         raise FileNotFoundError(f"output folder {output_dir!r} does not exist")
     summary = _read_json(fs, posixpath.join(root, "summary.json"))
+    # summary.json is pipelines/summary.py's: its settings hold the run's threshold, its `input` the run's input
     if threshold is None:
-        threshold = _dig(summary, "settings.threshold", "threshold")
-    threshold = float(DEFAULT_THRESHOLD if threshold is None else threshold)
-    if input is None:
-        input = _dig(summary, "input")
+        threshold = summary["settings"]["threshold"] if summary else DEFAULT_THRESHOLD
+    threshold = float(threshold)
+    if input is None and summary:
+        input = summary["input"]
     from pipelines.io import read_states
 
     scan = scan_output(fs, root, threshold, max_samples, read_states(fs, root))

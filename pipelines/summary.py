@@ -82,6 +82,27 @@ def write_summary(fs: Any, root: str, summary: dict[str, Any], threshold: float)
     write_bytes_atomic(fs, posixpath.join(root, "summary.png"), plot_histograms(hists, threshold))
 
 
+COLORS = {"web": "#1f77b4", "synthetic": "#ff7f0e"}
+
+
+def draw_scores(ax: Any, hists: dict[str, np.ndarray], names: list[str], lo: float, hi: float, threshold=None) -> int:
+    """Score histograms (`web_*` / `synthetic_*` counts over [lo, hi]) on one matplotlib axis, the threshold marked;
+    shared by summary.png and the HTML report. Returns the number of scores drawn."""
+    n = 0
+    for name in names:
+        counts = np.asarray(hists[name])
+        who = "web" if name.startswith("web") else "synthetic"
+        edges = np.linspace(lo, hi, len(counts) + 1)
+        ax.stairs(counts, edges, fill=True, alpha=0.55, color=COLORS[who], label=f"{who} (n={int(counts.sum())})")
+        n += int(counts.sum())
+    if threshold is not None:
+        ax.axvline(threshold, color="#d62728", linestyle="--", linewidth=1.5, label=f"threshold {threshold:g}")
+    ax.set_xlim(lo, hi)
+    ax.set_ylabel("texts")
+    ax.legend(fontsize=8, loc="best")
+    return n
+
+
 def plot_histograms(hists: dict[str, np.ndarray], threshold: float) -> bytes:
     """ITM and ITC score histograms of web texts and synthetic captions, the threshold marked -> PNG bytes."""
     import matplotlib
@@ -91,17 +112,9 @@ def plot_histograms(hists: dict[str, np.ndarray], threshold: float) -> bytes:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric in zip(axes, ("itm", "itc")):
-        for who in ("web", "synthetic"):
-            key = f"{who}_{metric}"
-            lo, hi = HIST_RANGES[key]
-            edges = np.linspace(lo, hi, len(hists[key]) + 1)
-            label = f"{who} ({int(hists[key].sum())})"
-            ax.stairs(hists[key], edges, label=label, fill=who == "web", alpha=0.5 if who == "web" else 1.0)
-        if metric == "itm":
-            ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold}")
+        lo, hi = HIST_RANGES[f"web_{metric}"]
+        draw_scores(ax, hists, [f"web_{metric}", f"synthetic_{metric}"], lo, hi, threshold if metric == "itm" else None)
         ax.set_xlabel("ITM match probability" if metric == "itm" else "ITC cosine similarity")
-        ax.set_ylabel("texts")
-        ax.legend(fontsize=8)
     fig.suptitle("capfilt run: filter scores of web text and synthetic captions")
     fig.tight_layout()
     buf = io.BytesIO()
