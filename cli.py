@@ -63,6 +63,30 @@ def device_options(device: str | None = "auto", dtype: str | None = "float32") -
     return decorate
 
 
+def storage_options_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """`--storage-options JSON` -> `storage_options` (a dict, or None); bad JSON is one `error:` line."""
+
+    @wraps(fn)
+    def parse(*args: Any, storage_options: str | None = None, **kwargs: Any) -> Any:
+        import json
+
+        so = None
+        if storage_options:
+            try:
+                so = json.loads(storage_options)
+            except ValueError as e:
+                raise CapfiltError(f"--storage-options is not valid JSON: {e}") from None
+            if not isinstance(so, dict):
+                raise CapfiltError("--storage-options must be a JSON object")
+        return fn(*args, storage_options=so, **kwargs)
+
+    return click.option(
+        "--storage-options",
+        default=None,
+        help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
+    )(friendly_errors(parse))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """capfilt: BLIP's CapFilt (captioner + filter) at web scale on Ray."""
@@ -235,7 +259,7 @@ def ingest(
 @click.option("--max-samples", type=click.IntRange(min=0), default=200, show_default=True, help="Sample cards shown.")
 @click.option("--input", "input_", default=None, help="Input shards, for dropped samples' images. [default: the run's]")
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="ITM threshold. [default: the run's]")
-@click.option("--storage-options", default=None, help="fsspec options as JSON (e.g. an S3 endpoint_url).")
+@storage_options_option
 @friendly_errors
 def report(
     output_dir: str,
@@ -243,20 +267,12 @@ def report(
     max_samples: int,
     input_: str | None,
     threshold: float | None,
-    storage_options: str | None,
+    storage_options: dict[str, Any] | None,
 ) -> None:
     """Write a self-contained HTML report of a `capfilt run` OUTPUT_DIR and print its path."""
-    import json
-
     from pipelines.report import write_report
 
-    try:
-        so = json.loads(storage_options) if storage_options else None
-    except ValueError as e:
-        raise CapfiltError(f"--storage-options is not JSON: {e}") from None
-    if so is not None and not isinstance(so, dict):
-        raise CapfiltError("--storage-options must be a JSON object")
-    click.echo(write_report(output_dir, out, max_samples, input_, so, threshold))
+    click.echo(write_report(output_dir, out, max_samples, input_, storage_options, threshold))
 
 
 @main.command()
@@ -441,11 +457,7 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
 @click.option("--retries", type=int, default=None, help="Retries of a shard whose actor died or that raised.")
 @device_options(device=None, dtype=None)
 @click.option("--seed", type=int, default=None, help="Caption seed (combined with each sample key).")
-@click.option(
-    "--storage-options",
-    default=None,
-    help='fsspec options as JSON, e.g. \'{"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}\'.',
-)
+@storage_options_option
 @click.option("--no-progress", is_flag=True, help="No progress bars or per-shard lines; only the final summary.")
 @friendly_errors
 def run(
@@ -453,7 +465,7 @@ def run(
     output: str,
     filter_: str | None,
     config_path: str | None,
-    storage_options: str | None,
+    storage_options: dict[str, Any] | None,
     no_progress: bool,
     **kw: Any,
 ) -> None:
@@ -461,22 +473,14 @@ def run(
 
     Exit status 0 when every shard is done, 2 when any shard failed (reported in summary.json), 1 on a bad setup.
     """
-    import json
-
     from pipelines.run import load_config, run_capfilt
 
-    so = None
-    if storage_options:
-        try:
-            so = json.loads(storage_options)
-        except ValueError as e:
-            raise CapfiltError(f"--storage-options is not valid JSON: {e}") from None
     cfg = load_config(
         config_path,
         input=input_,
         output=output,
         filter=filter_,
-        storage_options=so,
+        storage_options=storage_options,
         progress=False if no_progress else None,
         **kw,
     )
