@@ -595,7 +595,37 @@ def _hard_negatives(weights: torch.Tensor, generator: torch.Generator | None = N
 class ContrastiveMixin(FilterMixin):
     """Momentum encoders, feature queues, ITC with momentum distillation, ITM with hard negatives."""
 
-    def _init_momentum(self, with_decoder_sharing: bool = False) -> None:
+    def _init_towers(self) -> None:
+        """The filter's towers: ViT and the text encoder (unimodal for ITC, image-grounded for ITM)."""
+        self.visual_encoder = VisionTransformer(self.config.vision)
+        self.text_encoder = BertModel(self.config.text)
+
+    def _init_heads(self) -> None:
+        """ITC projections (-> E, L2-normalised by the caller), the learnable temperature and the ITM head."""
+        cfg = self.config
+        self.vision_proj = nn.Linear(cfg.vision.width, cfg.embed_dim)
+        self.text_proj = nn.Linear(cfg.text.hidden_size, cfg.embed_dim)
+        self.itm_head = nn.Linear(cfg.text.hidden_size, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(
+        self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor | None = None
+    ) -> None:
+        """Momentum features of the global batch (all DDP ranks) into the queues; image ids too when fine-tuning."""
+        # the pointer's name differs between the original pretraining and retrieval checkpoints: both are kept
+        ptr_buf = self.ptr_queue if hasattr(self, "ptr_queue") else self.queue_ptr
+        image_feats, text_feats = concat_all_gather(image_feat), concat_all_gather(text_feat)
+        n, ptr = image_feats.shape[0], int(ptr_buf)
+        if self.config.queue_size % n:
+            raise ValueError(f"queue size {self.config.queue_size} must be divisible by the global batch {n}")
+        self.image_queue[:, ptr : ptr + n] = image_feats.t()
+        self.text_queue[:, ptr : ptr + n] = text_feats.t()
+        if idx is not None:
+            self.idx_queue[:, ptr : ptr + n] = concat_all_gather(idx).view(1, -1)
+        ptr_buf[0] = (ptr + n) % self.config.queue_size
+
+    def _init_momentum(self) -> None:
         self.visual_encoder_m = copy.deepcopy(self.visual_encoder)
         self.vision_proj_m = copy.deepcopy(self.vision_proj)
         self.text_encoder_m = copy.deepcopy(self.text_encoder)
@@ -699,12 +729,8 @@ class BlipRetrieval(BlipBase, ContrastiveMixin):
 
     def __init__(self, config: BlipConfig, momentum: bool = False):
         super().__init__(config)
-        self.visual_encoder = VisionTransformer(config.vision)
-        self.text_encoder = BertModel(config.text)
-        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
-        self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
-        self.itm_head = nn.Linear(config.text.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        self._init_towers()
+        self._init_heads()
         self.momentum = momentum
         if momentum:  # fine-tuning state of the original retrieval checkpoints
             self._init_momentum()
@@ -745,35 +771,16 @@ class BlipRetrieval(BlipBase, ContrastiveMixin):
         loss_itm = self._itm(image_embeds, input_ids, attention_mask, weights_i2t, weights_t2i)
         return {"loss_itc": loss_itc, "loss_itm": loss_itm}
 
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor) -> None:
-        image_feats, text_feats, idxs = (
-            concat_all_gather(image_feat),
-            concat_all_gather(text_feat),
-            concat_all_gather(idx),
-        )
-        n, ptr = image_feats.shape[0], int(self.ptr_queue)
-        if self.config.queue_size % n:
-            raise ValueError(f"queue size {self.config.queue_size} must be divisible by the global batch {n}")
-        self.image_queue[:, ptr : ptr + n] = image_feats.t()
-        self.text_queue[:, ptr : ptr + n] = text_feats.t()
-        self.idx_queue[:, ptr : ptr + n] = idxs.view(1, -1)
-        self.ptr_queue[0] = (ptr + n) % self.config.queue_size
-
 
 class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
     """`blip_pretrain`: ITC + ITM + LM. The decoder shares everything with the encoder except self-attention."""
 
     def __init__(self, config: BlipConfig):
         super().__init__(config)
-        self.visual_encoder = VisionTransformer(config.vision)
-        self.text_encoder = BertModel(config.text)
+        self._init_towers()
         self.text_decoder = BertLMHeadModel(config.text, config.label_smoothing)
         self.tie_encoder_decoder()
-        self.vision_proj = nn.Linear(config.vision.width, config.embed_dim)
-        self.text_proj = nn.Linear(config.text.hidden_size, config.embed_dim)
-        self.itm_head = nn.Linear(config.text.hidden_size, 2)
-        self.temp = nn.Parameter(torch.tensor(0.07))
+        self._init_heads()
         self._init_momentum()
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         init_weights(self)
@@ -830,16 +837,6 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
         loss_itm = self._itm(image_embeds, input_ids, attention_mask, weights_i2t, weights_t2i)
         loss_lm = self.caption_loss(image_embeds, input_ids, attention_mask, prompt_length=0)
         return {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm}
-
-    @torch.no_grad()
-    def _dequeue_and_enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor) -> None:
-        image_feats, text_feats = concat_all_gather(image_feat), concat_all_gather(text_feat)
-        n, ptr = image_feats.shape[0], int(self.queue_ptr)
-        if self.config.queue_size % n:
-            raise ValueError(f"queue size {self.config.queue_size} must be divisible by the global batch {n}")
-        self.image_queue[:, ptr : ptr + n] = image_feats.t()
-        self.text_queue[:, ptr : ptr + n] = text_feats.t()
-        self.queue_ptr[0] = (ptr + n) % self.config.queue_size
 
 
 class BlipVQA(BlipBase):
