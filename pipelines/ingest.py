@@ -28,6 +28,8 @@ from typing import Any
 
 import fsspec
 
+from capfilt.decode import DEFAULT_MAX_PIXELS
+
 # file extension -> img2dataset input_format
 INPUT_FORMATS = {
     ext + gz: fmt + gz
@@ -47,9 +49,8 @@ RESERVED_COLUMNS = frozenset(
     "key caption url width height original_width original_height status error_message exif md5 sha256 sha512".split()
 )
 RESIZE_MODES = ("no", "keep_ratio", "center_crop", "border", "keep_ratio_largest")
-# PIL refuses images above 2x its MAX_IMAGE_PIXELS as decompression bombs; capfilt's decoder would drop them,
-# so do not spend disk on them here either.
-MAX_IMAGE_AREA = 2 * 89_478_485
+# capfilt's decoder refuses images above its pixel cap as decompression bombs: do not spend disk on them here either
+MAX_IMAGE_AREA = DEFAULT_MAX_PIXELS
 
 
 class IngestError(ValueError):

@@ -29,6 +29,7 @@ from typing import Any
 
 import fsspec
 
+from capfilt.decode import DEFAULT_MAX_PIXELS
 from capfilt.stages import CapFiltSettings
 from pipelines.io import Shard, clean_tmp, iter_states, list_shards, write_failed_state
 from pipelines.settings import CONFIG_DIR, load_settings
@@ -52,7 +53,7 @@ class RunConfig(CapFiltSettings):
     shards_per_actor: int = 2  # shard calls in flight per actor (the next one's read/decode overlaps the model)
     prefetch_batches: int = 3  # decoded batches queued ahead of the model, per shard call
     retries: int = 3  # a shard whose actor died or whose processing raised is retried this many times
-    max_pixels: int = 89_478_485  # decompression-bomb cap (PIL's default)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap (PIL's default)
     address: str | None = None  # Ray cluster address ("auto"); None: start Ray in this process
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for input and output (s3 endpoint)
     progress: bool = True  # a progress bar (shards, samples/s) and a line per failed shard

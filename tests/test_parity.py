@@ -1,7 +1,7 @@
 """Parity with transformers' BLIP (litgpt-style `test_against_*`): a transformers model with random weights is saved
 with `save_pretrained`, loaded by `blip.load`, and both must give the same numbers (fp32, CPU).
 
-transformers quirks handled here (DESIGN.md, "Pitfalls"): its default vision init is ~1e-10, so every weight is
+transformers quirks handled here (its known pitfalls): its default vision init is ~1e-10, so every weight is
 re-drawn at a useful scale; its ITM/VQA encoders are given the same [ENC]-first ids ours use; its VQA decoder ignores
 the question mask, so the questions in a batch have equal length; its beam search normalises by the generated length
 (our `beam_length="hf"`).
