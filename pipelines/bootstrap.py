@@ -17,13 +17,9 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
@@ -54,22 +50,14 @@ class BootstrapConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> BootstrapConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist")
-        d = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(d, dict):
-            raise ValueError(f"{p}: expected a mapping of settings")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"{p}: unknown setting(s) {', '.join(unknown)}")
-        return cls(**d).resolve_paths()
+        from pipelines.settings import load_settings
+
+        return load_settings(cls, path, overrides)
 
     def resolve_paths(self) -> BootstrapConfig:
         """Relative paths (relative to the working directory, as on the command line) -> absolute, before any step
         hands them to Ray workers; the per-step override dicts are resolved by the settings loader of each step."""
-        from pipelines.paths import resolve_path, resolve_paths
+        from pipelines.settings import resolve_path, resolve_paths
 
         self.workdir = resolve_path(self.workdir) or self.workdir
         for name in ("web", "clean", "test"):
@@ -81,9 +69,9 @@ class BootstrapConfig:
 
 def _preset(name: str) -> str:
     """A preset: a YAML file (relative to the working directory) made absolute, else a name in configs/."""
-    from pipelines.paths import resolve_preset
+    from pipelines.settings import resolve_preset
 
-    return resolve_preset(name, CONFIG_DIR)
+    return resolve_preset(name)
 
 
 class Bootstrap:

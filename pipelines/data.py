@@ -12,12 +12,9 @@ over {Identity, AutoContrast, Equalize, Brightness, Sharpness, ShearX/Y, Transla
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import io
 import json
 import math
-import os
 import random
 import re
 import tarfile
@@ -30,9 +27,8 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFile, ImageOps
 
 from blip.image import resize_rgb
+from pipelines.io import IMAGE_EXTS
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb cap, set explicitly
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
@@ -40,72 +36,45 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
 def list_tars(data: str) -> list[str]:
-    """`--data` (a folder, a glob, one .tar, or a comma-separated list of those; local or fsspec URL) -> sorted tars.
+    """`--data` (a folder, a glob, one .tar, or a comma-separated list of those; local or fsspec URL) -> sorted tars,
+    sub-folders included (`capfilt run`'s output folder holds its tars in `tars/`). The run's shard lister.
 
     Raises FileNotFoundError when nothing matches, so the CLI prints one clear line.
     """
-    out: list[str] = []
-    for part in [p.strip() for p in data.split(",") if p.strip()]:
-        if "://" in part:
-            import fsspec
+    from pipelines.io import list_shards
 
-            fs, _, paths = fsspec.get_fs_token_paths(part)
-            proto = part.split("://", 1)[0]
-            if len(paths) == 1 and fs.isdir(paths[0]):
-                paths = fs.glob(paths[0].rstrip("/") + "/**.tar")
-            out += [f"{proto}://{p}" for p in paths if p.endswith(".tar")]
-        elif os.path.isdir(part):
-            out += glob.glob(os.path.join(part, "**", "*.tar"), recursive=True)
-        else:
-            out += [p for p in glob.glob(part, recursive=True) if p.endswith(".tar") and os.path.isfile(p)]
-    out = sorted(set(out))
+    out: set[str] = set()
+    for part in [p.strip() for p in data.split(",") if p.strip()]:
+        try:
+            out |= {s.path for s in list_shards(part, formats=("tar",), recursive=True)}
+        except FileNotFoundError:
+            continue
     if not out:
         raise FileNotFoundError(f"no webdataset .tar files found at {data!r}")
-    return out
-
-
-def _open(path: str):
-    if "://" in path:
-        import fsspec
-
-        return fsspec.open(path, "rb").open()
-    return open(path, "rb")
+    return sorted(out)
 
 
 # ---------------------------------------------------------------------------------------------------- samples
 
 
 def iter_tar_groups(path: str) -> Iterator[dict[str, Any]]:
-    """Stream one tar: yields {"__key__", "__url__", ext: bytes, ...} per sample (members grouped by key).
+    """Stream one tar: yields {"__key__", "__url__", ext: bytes, ...} per sample (pipelines.io's tar reader: the
+    same samples and keys `capfilt run` reads).
 
     A tar that cannot be read (truncated, not a tar) yields one {"__key__": None, "__error__": msg} record after the
     samples it could read, so the caller counts it.
     """
-    current: dict[str, Any] | None = None
+    import fsspec
+
+    from pipelines.io import iter_tar_samples
+
     try:
-        with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                name = os.path.basename(member.name)
-                if "." not in name:
-                    continue
-                key, ext = name.split(".", 1)
-                key = os.path.join(os.path.dirname(member.name), key)
-                fobj = tar.extractfile(member)
-                data = fobj.read() if fobj is not None else b""
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        yield current
-                    current = {"__key__": key, "__url__": path}
-                current[ext.lower()] = data
+        fs, p = fsspec.core.url_to_fs(path)
+        with fs.open(p, "rb") as f:
+            for key, files in iter_tar_samples(f, fs.size(p)):
+                yield {"__key__": key, "__url__": path, **files}
     except (tarfile.TarError, OSError, EOFError) as e:
-        if current is not None:
-            yield current
-            current = None
         yield {"__key__": None, "__url__": path, "__error__": f"{type(e).__name__}: {e}"}
-    if current is not None:
-        yield current
 
 
 def pre_caption(text: str, max_words: int = 30) -> str:
@@ -137,12 +106,11 @@ def sample_texts(group: dict[str, Any], max_words: int = 30) -> list[str]:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Image bytes -> RGB PIL (EXIF orientation applied); raises on anything PIL cannot fully decode."""
-    with Image.open(io.BytesIO(data)) as im:
-        if im.width * im.height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"image of {im.width}x{im.height} pixels is over the {MAX_IMAGE_PIXELS} cap")
-        im = ImageOps.exif_transpose(im)
-        return im.convert("RGB")
+    """Image bytes -> RGB PIL at full size: capfilt.decode's decoder (EXIF, alpha on white, 16-bit scaled, size
+    cap), so training sees the pixels CapFilt sees; raises DecodeError."""
+    from capfilt.decode import load_rgb
+
+    return load_rgb(data)[0]
 
 
 @dataclass
@@ -404,16 +372,7 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def count_tar_samples(tars: list[str]) -> int:
-    """Number of sample keys in the tars (headers only for local files): sizes an epoch for schedules."""
-    n = 0
-    for path in tars:
-        keys: set[str] = set()
-        try:
-            with _open(path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for m in tar:
-                    if m.isfile() and "." in os.path.basename(m.name):
-                        keys.add(m.name.rsplit("/", 1)[-1].split(".", 1)[0] + "@" + os.path.dirname(m.name))
-        except (tarfile.TarError, OSError, EOFError):
-            pass
-        n += len(keys)
-    return n
+    """Number of samples in the tars (headers only): sizes an epoch for schedules."""
+    from pipelines.io import count_samples
+
+    return sum(count_samples(p) for p in tars)

@@ -149,7 +149,7 @@ def evaluate(
     if task not in ("retrieval", "caption"):
         raise ValueError(f"unknown eval task {task!r}; expected 'retrieval' or 'caption'")
     from pipelines.data import list_tars
-    from pipelines.paths import resolve_path, resolve_paths
+    from pipelines.settings import resolve_path, resolve_paths
 
     model_path, data, output = resolve_path(model_path, hub=True), resolve_paths(data), resolve_path(output)
     list_tars(data)  # fail fast on a --data path without tars

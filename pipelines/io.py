@@ -65,18 +65,25 @@ def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return path if protocol in ("file", "local") else f"{protocol}://{path}"
 
 
-def list_shards(input: str, storage_options: dict[str, Any] | None = None) -> list[Shard]:
-    """`--input` (a folder, a glob, or one file; local or any fsspec URL) -> sorted shards.
+def list_shards(
+    input: str,
+    storage_options: dict[str, Any] | None = None,
+    formats: tuple[str, ...] = ("tar", "parquet"),
+    recursive: bool = False,
+) -> list[Shard]:
+    """`--input` (a folder, a glob, or one file; local or any fsspec URL) -> sorted shards. The one shard lister:
+    `capfilt run`, training data (`formats=("tar",), recursive=True`) and the report use it.
 
     A folder means its `*.tar` files (img2dataset webdataset output; the sidecar `.parquet` files are metadata), or
-    its `*.parquet` files when it has no tars (img2dataset parquet output). Raises FileNotFoundError when nothing
-    matches, so the CLI can say so before Ray starts.
+    its `*.parquet` files when it has no tars (img2dataset parquet output); with `recursive`, those of every
+    sub-folder too. Raises FileNotFoundError when nothing matches, so the CLI can say so before Ray starts.
     """
     fs, path = _fs_and_path(input, storage_options)
     if _GLOB_CHARS.search(path):
         paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
     elif fs.isdir(path):
-        files = sorted(fs.ls(path, detail=False))
+        files = sorted(fs.find(path) if recursive else fs.ls(path, detail=False))
+        files = [p for p in files if not posixpath.basename(p).startswith(".")]
         paths = [p for p in files if p.endswith(".tar")] or [p for p in files if p.endswith(".parquet")]
     elif fs.isfile(path):
         paths = [path]
@@ -87,8 +94,9 @@ def list_shards(input: str, storage_options: dict[str, Any] | None = None) -> li
     paths = [
         p for p in paths if p.endswith(".tar") or (p.endswith(".parquet") and posixpath.splitext(p)[0] not in tars)
     ]
+    paths = [p for p in paths if posixpath.splitext(p)[1][1:] in formats]
     if not paths:
-        raise FileNotFoundError(f"no .tar or .parquet shards found at {input!r}")
+        raise FileNotFoundError(f"no {' or '.join('.' + f for f in formats)} shards found at {input!r}")
     return [Shard(_unstrip(fs, p), n, "tar" if p.endswith(".tar") else "parquet") for p, n in zip(paths, _names(paths))]
 
 
@@ -136,8 +144,40 @@ def _sample_row(shard: str, idx: int, key: str, files: dict[str, bytes]) -> dict
     }
 
 
+def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(sample key, lowercased extension) of a tar member by webdataset's rule: the key is the path up to the first
+    dot of the file name (folders with dots included); None for what belongs to no sample (folders, hidden and
+    webdataset-reserved files, names without an extension)."""
+    if not member.isfile():
+        return None
+    m = _KEY_EXT.match(member.name)
+    if m is None or posixpath.basename(member.name).startswith((".", "__")):
+        return None
+    return m.group(1), m.group(2).lower()
+
+
+def count_samples(path: str, storage_options: dict[str, Any] | None = None) -> int:
+    """Samples in one shard without reading images: tar headers (seeking past the data where the file allows it)
+    or the parquet footer. An unreadable shard counts what was read before the damage."""
+    fs, p = _fs_and_path(path, storage_options)
+    if p.endswith(".parquet"):
+        with fs.open(p, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    n, last = 0, None
+    try:
+        with fs.open(p, "rb") as f, tarfile.open(fileobj=f, mode="r:*" if f.seekable() else "r|*") as tf:
+            for member in tf:
+                ke = member_key(member)
+                if ke is not None and ke[0] != last:
+                    n, last = n + 1, ke[0]
+    except (tarfile.TarError, OSError, EOFError):
+        pass
+    return n
+
+
 def iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by webdataset key; streaming (`r|`), so S3 is read once, front to back.
+    """The one tar sample iterator (run, training data, report): (key, {ext: bytes}) per sample, consecutive members
+    grouped by `member_key`; streaming (`r|`), so S3 is read once, front to back.
 
     A tar cut exactly at a member boundary reads like a complete one to `tarfile`; an uncompressed tar of known `size`
     must still hold its end-of-archive marker (two zero blocks) after the last member, or it is reported truncated.
@@ -145,12 +185,10 @@ def iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, dic
     key, files = None, {}
     with tarfile.open(fileobj=f, mode="r|*") as tf:
         for member in tf:
-            if not member.isfile():
+            ke = member_key(member)
+            if ke is None:
                 continue
-            m = _KEY_EXT.match(member.name)
-            if m is None or posixpath.basename(member.name).startswith((".", "__")):
-                continue  # no extension, hidden or webdataset-reserved file: not part of a sample
-            k, ext = m.group(1), m.group(2).lower()
+            k, ext = ke
             data = tf.extractfile(member).read()  # raises tarfile.ReadError when the tar is cut inside this member
             if k != key and key is not None:
                 yield key, files

@@ -32,7 +32,7 @@ import fsspec
 from capfilt.decode import DEFAULT_MAX_PIXELS
 from capfilt.stages import CapFiltSettings
 from pipelines.io import Shard, clean_tmp, iter_states, list_shards, write_failed_state
-from pipelines.settings import CONFIG_DIR, load_settings
+from pipelines.settings import CONFIG_DIR, load_settings, resolve_path
 from pipelines.summary import SummaryBuilder, format_summary, write_summary
 from pipelines.worker import ShardProcessor, WorkerSettings
 
@@ -58,6 +58,11 @@ class RunConfig(CapFiltSettings):
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for input and output (s3 endpoint)
     progress: bool = True  # a progress bar (shards, samples/s) and a line per failed shard
 
+    def resolve_paths(self) -> None:
+        """Local input/output/model folders -> absolute: the actors' working directory is not ours."""
+        self.input, self.output = resolve_path(self.input), resolve_path(self.output)
+        self.captioner, self.filter = resolve_path(self.captioner, hub=True), resolve_path(self.filter, hub=True)
+
     def validate(self) -> None:
         super().validate()
         checks = [
@@ -81,13 +86,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """YAML preset (default configs/capfilt.yaml) + overrides (CLI flags; None means "not given") -> RunConfig.
 
     Local paths (input, output, model folders) become absolute here: the actors' working directory is not ours."""
-    return load_settings(
-        RunConfig,
-        path if path is not None else DEFAULT_CONFIG,
-        overrides,
-        paths=("input", "output"),
-        specs=("captioner", "filter"),
-    )
+    return load_settings(RunConfig, path if path is not None else DEFAULT_CONFIG, overrides)
 
 
 def model_config(spec: str, role: str) -> Any:

@@ -1,6 +1,11 @@
-"""One settings loader for every command: a dataclass, a YAML preset, flag overrides, unknown keys refused, and
-every local path made absolute here, at the boundary, before anything reaches a Ray worker (whose working
-directory is not the user's)."""
+"""Settings and paths, the same way for every command.
+
+`load_settings`: a settings dataclass from a YAML preset + flag overrides (None = not given), unknown keys refused,
+then the dataclass's own `resolve_paths()` and `validate()`. Paths are made absolute here, at the config/CLI
+boundary, in the process that read them: Ray workers (Ray Train ranks, Ray Data tasks, the CapFilt actors) do not
+run in the user's working directory. URLs (`s3://...`, `gs://...`) and Hugging Face hub ids
+(`Salesforce/blip-itm-base-coco`) are left alone.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,53 @@ import yaml
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")
 
+# suffixes that make a string a checkpoint file, never a hub id (as blip.load decides)
+_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".json", ".txt", ".yaml", ".yml")
+
+
+def is_url(s: str) -> bool:
+    return "://" in s
+
+
+def looks_like_hub_id(s: str) -> bool:
+    """`owner/name` that is not a local path: exactly one "/", no leading `.`, `/` or `~`, no file suffix, and
+    nothing at that path here (a local folder of that name wins, as in blip.load)."""
+    return (
+        s.count("/") == 1
+        and not s.startswith((".", "/", "~"))
+        and not s.endswith(_FILE_SUFFIXES)
+        and not os.path.exists(s)
+    )
+
+
+def resolve_path(p: str | os.PathLike[str] | None, hub: bool = False) -> str | None:
+    """One path -> absolute (`~` expanded); None/"" and URLs unchanged; with `hub`, hub ids unchanged too.
+    Glob characters are kept (an absolute glob is still a glob)."""
+    if p is None:
+        return None
+    s = str(p).strip()
+    if not s or is_url(s) or (hub and looks_like_hub_id(s)):
+        return s
+    return os.path.abspath(os.path.expanduser(s))
+
+
+def resolve_paths(value: str | None) -> str | None:
+    """A comma-separated list of paths / globs / URLs (the `--data` form), each part resolved."""
+    if value is None or not str(value).strip():
+        return value
+    return ",".join(resolve_path(part) for part in str(value).split(",") if part.strip())
+
+
+def resolve_preset(name: str) -> str:
+    """A preset YAML: an existing file (relative to the working directory) or a name in configs/ -> absolute."""
+    try:
+        return str(config_path(name).resolve())
+    except FileNotFoundError:
+        return str(CONFIG_DIR / name)  # reported when it is read
+
 
 def config_path(name: str | os.PathLike[str]) -> Path:
-    """A YAML path as given, or else a name in configs/ (`capfilt.yaml`, `capfilt_tiny`)."""
+    """A YAML preset as given (a path), or else a name in configs/ (`capfilt.yaml`, `capfilt_tiny`)."""
     p = Path(name).expanduser()
     if p.is_file():
         return p
@@ -34,49 +83,22 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-def is_url(p: str) -> bool:
-    return "://" in p
-
-
-def absolute(p: str | None) -> str | None:
-    """A local path -> absolute; URLs (s3://, gs://, file://) unchanged."""
-    if p is None or p == "" or is_url(str(p)):
-        return p
-    return os.path.abspath(os.path.expanduser(str(p)))
-
-
-def absolute_if_local(spec: str | None) -> str | None:
-    """A checkpoint spec: an existing local path -> absolute; a hub id or a URL unchanged."""
-    if spec is None or is_url(str(spec)) or not Path(spec).expanduser().exists():
-        return spec
-    return os.path.abspath(os.path.expanduser(str(spec)))
-
-
-def load_settings(
-    cls: type[T],
-    path: str | os.PathLike[str] | None,
-    overrides: dict[str, Any] | None = None,
-    paths: tuple[str, ...] = (),
-    specs: tuple[str, ...] = (),
-) -> T:
-    """`cls` from a YAML preset + overrides (None = not given). `paths` fields become absolute local paths,
-    `specs` fields (checkpoints: path or hub id) absolute when they exist locally. Calls `validate()` if defined."""
+def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> T:
+    """`cls` from a YAML preset (a path or a name in configs/; None: defaults) + overrides; then
+    `obj.resolve_paths()` and `obj.validate()` where the dataclass defines them."""
     data = read_yaml(path) if path is not None else {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    for k in paths:
-        if isinstance(data.get(k), str):
-            data[k] = absolute(data[k])
-    for k in specs:
-        if isinstance(data.get(k), str):
-            data[k] = absolute_if_local(data[k])
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     try:
         obj = cls(**data)
     except TypeError as e:
         raise ValueError(f"bad configuration: {e}") from None
+    if hasattr(obj, "resolve_paths"):
+        obj.resolve_paths()
     if hasattr(obj, "validate"):
         obj.validate()
     return obj

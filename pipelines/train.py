@@ -26,7 +26,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,29 +106,14 @@ class TrainSettings:
     @classmethod
     def from_yaml(cls, path: str | Path | None, **overrides: Any) -> TrainSettings:
         """Preset YAML + overrides (None values ignored); unknown keys are an error, so typos do not pass silently."""
-        import yaml
+        from pipelines.settings import load_settings
 
-        d: dict[str, Any] = {}
-        if path is not None:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"config file {path} does not exist")
-            d = yaml.safe_load(Path(path).read_text()) or {}
-            if not isinstance(d, dict):
-                raise ValueError(f"config file {path} must hold a mapping of settings")
-        d.update({k: v for k, v in overrides.items() if v is not None})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown setting(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        s = cls(**d)
-        s.resolve_paths()
-        s.validate()
-        return s
+        return load_settings(cls, path, overrides)
 
     def resolve_paths(self) -> TrainSettings:
         """Relative `data` / `output` / `init` / `tokenizer` -> absolute, here in the process that read them: Ray
         Train workers do not run in the user's working directory. URLs and hub ids (`--init`) are kept."""
-        from pipelines.paths import resolve_path, resolve_paths
+        from pipelines.settings import resolve_path, resolve_paths
 
         self.data = resolve_paths(self.data) or self.data
         self.output = resolve_path(self.output) or self.output
@@ -774,16 +759,12 @@ def train(s: TrainSettings) -> dict[str, Any]:
     return summary
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
 def run_command(task: str, config: str | None, set_items: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
     """`capfilt pretrain` / `capfilt finetune`: preset YAML (default per task) + `--set key=value` + flags -> train."""
     import yaml
 
     if config is None:
-        name = "pretrain_base.yaml" if task == "pretrain" else f"finetune_{task}.yaml"
-        config = str(CONFIG_DIR / name)
+        config = "pretrain_base.yaml" if task == "pretrain" else f"finetune_{task}.yaml"  # a name in configs/
     extra: dict[str, Any] = {}
     for item in set_items:
         if "=" not in item:

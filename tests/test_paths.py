@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_resolve_path_keeps_urls_and_hub_ids(tmp_path, monkeypatch):
-    from pipelines.paths import resolve_path, resolve_paths
+    from pipelines.settings import resolve_path, resolve_paths
 
     monkeypatch.chdir(tmp_path)
     assert resolve_path("runs/x") == str(tmp_path / "runs" / "x")
