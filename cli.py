@@ -498,12 +498,13 @@ def run(
     help="bootstrap YAML (a path, or a name in configs/)",
 )
 @click.option("--workdir", default=None, help="where every step writes (overrides the config's workdir)")
+@click.option("--init", default=None, help="pretrained start of both pretraining arms (any checkpoint blip.load reads)")
 @friendly_errors
-def bootstrap(config: str, workdir: str | None) -> None:
+def bootstrap(config: str, workdir: str | None, init: str | None) -> None:
     """BLIP's whole loop: pretrain -> fine-tune captioner + filter -> capfilt run -> pretrain again -> evaluate."""
     from pipelines.bootstrap import bootstrap as run_bootstrap
 
-    run_bootstrap(config, workdir)
+    run_bootstrap(config, workdir, init)
 
 
 if __name__ == "__main__":

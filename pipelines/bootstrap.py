@@ -37,6 +37,9 @@ class BootstrapConfig:
     web: str | None = None
     clean: str | None = None
     test: str | None = None
+    # a pretrained start for both pretraining arms (e.g. the official BLIP checkpoint; its own tokenizer is used);
+    # None: from scratch with the synthetic world's tokenizer
+    init: str | None = None
     # run settings: a preset YAML per step + overrides
     pretrain_config: str = "pretrain_tiny.yaml"
     pretrain: dict[str, Any] = field(default_factory=dict)
@@ -60,6 +63,7 @@ class BootstrapConfig:
         from pipelines.settings import resolve_path, resolve_paths
 
         self.workdir = resolve_path(self.workdir) or self.workdir
+        self.init = resolve_path(self.init, hub=True)
         for name in ("web", "clean", "test"):
             setattr(self, name, resolve_paths(getattr(self, name)))
         for name in ("pretrain_config", "caption_config", "retrieval_config", "capfilt_config"):
@@ -142,8 +146,8 @@ class Bootstrap:
         summary = run_capfilt(rc)
         if summary.get("failed_shards"):
             raise RuntimeError(f"capfilt run failed on shards {summary['failed_shards']}")
-        counts = {k: v for k, v in summary.items() if isinstance(v, int)}
-        return {"output": rc.output, "threshold": rc.threshold, "counts": counts}
+        shards = {k: summary[k] for k in ("shards", "shards_done", "shards_skipped")}
+        return {"output": rc.output, "threshold": rc.threshold, "samples": summary["counts"], "shards": shards}
 
     def evaluate(self, pretrained: str, captioner: str, test: str, name: str) -> dict[str, Any]:
         from pipelines.evaluate import evaluate
@@ -160,7 +164,7 @@ class Bootstrap:
         """How well the filter separated the injected noise, read from the run's parquet and the world's truth."""
         import pandas as pd
 
-        from capfilt.synth import read_truth
+        from capfilt.synth import NOISE_KINDS, read_truth
 
         threshold = json.loads((self.dir / "_done" / "capfilt.json").read_text())["threshold"]
         df = pd.read_parquet(self.path("capfilt", "parquet"))
@@ -170,6 +174,12 @@ class Bootstrap:
         web_kept = ok["web_itm"].fillna(-1.0) >= threshold
         dropped = ~web_kept
         tp = int((dropped & noisy).sum())
+        kind = ok["key"].map(lambda k: truth[k]["noise_kind"])
+        score = ok["web_itm"].fillna(-1.0).to_numpy()
+        clean = (kind == "none").to_numpy()
+        auc = {"all": roc_auc(score[clean], score[~clean])}
+        for k in NOISE_KINDS:  # how well ITM tells clean web texts from each kind of noise
+            auc[k] = roc_auc(score[clean], score[(kind == k).to_numpy()])
         n_syn = int(ok["synthetic_itm"].map(len).sum())
         n_syn_kept = int(ok["synthetic_itm"].map(lambda x: sum(v >= threshold for v in x)).sum())
         return {
@@ -180,14 +190,21 @@ class Bootstrap:
             "clean_web_kept": int((web_kept & ~noisy).sum()) / max(1, int((~noisy).sum())),
             "synthetic_kept": n_syn_kept / max(1, n_syn),
             "samples_kept": float(ok["kept"].mean()) if len(ok) else 0.0,
+            "web_itm_auc": auc,  # ROC-AUC of the web text's ITM probability, clean (positive) vs noisy
         }
+
+    def pretrain_overrides(self, tokenizer: str) -> dict[str, Any]:
+        """Both pretraining arms start from the same point: `init` (with its own tokenizer), or from scratch with the
+        synthetic world's tokenizer."""
+        c = self.cfg
+        return {**c.pretrain, "init": c.init} if c.init else {**c.pretrain, "tokenizer": tokenizer}
 
     def run(self) -> dict[str, Any]:
         c = self.cfg
         data = self.step("data", self.data)
         tok = data["tokenizer"]
         noisy_corpus = f"{data['web']},{data['clean']}"
-        pre_kw = {**c.pretrain, "tokenizer": tok}
+        pre_kw = self.pretrain_overrides(tok)
         pre0 = self.step("pretrain_noisy", lambda: self.train(
             "pretrain", c.pretrain_config, pre_kw, data=noisy_corpus, output=self.path("pretrain_noisy")))  # fmt: skip
         cap0 = self.step("finetune_captioner", lambda: self.train(
@@ -219,6 +236,24 @@ class Bootstrap:
         return report
 
 
+def roc_auc(positive: Any, negative: Any) -> float | None:
+    """P(score of a random positive > score of a random negative), ties counting half (Mann-Whitney U / n+ n-)."""
+    import numpy as np
+
+    pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    if not len(pos) or not len(neg):
+        return None
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    ranks[order] = np.arange(1, len(allv) + 1)
+    for v in np.unique(allv):  # average ranks over ties
+        tie = allv == v
+        ranks[tie] = ranks[tie].mean()
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2
+    return float(u / (len(pos) * len(neg)))
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The paper's Table 1 shape: one row per pretraining corpus."""
     lines = [
@@ -236,6 +271,12 @@ def format_report(report: dict[str, Any]) -> str:
         f"filter: drops noisy web texts with precision {f['drop_precision']:.2f}, recall {f['drop_recall']:.2f}; "
         f"keeps {f['clean_web_kept']:.0%} of clean web texts and {f['synthetic_kept']:.0%} of synthetic captions"
     )
+    auc = f.get("web_itm_auc") or {}
+    if auc.get("all") is not None:
+        lines.append(
+            "filter ROC-AUC, clean vs noisy web texts: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in auc.items() if v is not None)
+        )
     if f["samples_kept"] == 0:
         lines.append(
             "warning: the filter kept no web sample (no text reached the ITM threshold), so the C+F corpus is the clean set "
@@ -244,6 +285,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bootstrap(config: str, workdir: str | None = None) -> dict[str, Any]:
-    cfg = BootstrapConfig.from_yaml(_preset(config), workdir=workdir)
+def bootstrap(config: str, workdir: str | None = None, init: str | None = None) -> dict[str, Any]:
+    cfg = BootstrapConfig.from_yaml(_preset(config), workdir=workdir, init=init)
     return Bootstrap(cfg).run()

@@ -26,6 +26,7 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,7 @@ def learning_rate(s: TrainSettings, epoch: int, step_in_epoch: int) -> float:
     return lr
 
 
-def alpha_at(s: TrainSettings, base_alpha: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
+def alpha_at(base_alpha: float, epoch: int, step_in_epoch: int, steps_per_epoch: int) -> float:
     """Momentum-distillation weight, ramped linearly over the first epoch as in the original."""
     if epoch > 0:
         return base_alpha
@@ -418,43 +419,58 @@ class _Log:
             csv.DictWriter(f, fieldnames=self.cols, extrasaction="ignore").writerow(row)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: DDP model, streaming shard, schedule, checkpoints, logs."""
+@dataclass
+class _Worker:
+    """One Ray Train worker's state: settings, its rank, the DDP model (and the module inside), the optimizer, and
+    the position in the schedule."""
+
+    s: TrainSettings
+    config: dict[str, Any]
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module  # DDP-wrapped (what forward/backward go through)
+    raw: nn.Module  # the module inside: state, checkpoints, probes
+    opt: torch.optim.Optimizer
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+
+
+def _setup_worker(config: dict[str, Any]) -> _Worker:
+    """The model from the driver's weights, wrapped for DDP; the optimizer; seeds; a resumed run's state."""
     import ray
     import ray.train
     import ray.train.torch
 
-    from blip.image import normalize
-
     s = TrainSettings(**config["settings"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    model_cfg, tokenizer = config["model_config"], config["tokenizer"]
-    state_dict = ray.get(config["state_ref"])
+    model_cfg = config["model_config"]
     train_state = ray.get(config["train_state_ref"]) if config["train_state_ref"] is not None else None
 
     raw = _model_class(model_cfg.family, model_cfg)
-    raw.load_state_dict(state_dict, strict=False)  # tied aliases are the only keys a saver may drop
-    raw.tokenizer = tokenizer
-    del state_dict
+    raw.load_state_dict(ray.get(config["state_ref"]), strict=False)  # tied aliases: the only keys a saver drops
+    raw.tokenizer = config["tokenizer"]
     # DDP broadcasts rank 0's weights and buffers at wrap time; the queues then stay in sync through the all-gather
     # in the model, so the per-forward buffer broadcast (two E x 57600 queues) is turned off.
     model = ray.train.torch.prepare_model(raw, parallel_strategy_kwargs={"forward_sync_buffers": False})
     raw = model.module if hasattr(model, "module") else model
-
     # the original applies weight decay 0.05 to every trainable parameter (one AdamW group); kept so
-    params = [p for p in raw.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=s.init_lr, weight_decay=s.weight_decay)
+    opt = torch.optim.AdamW([p for p in raw.parameters() if p.requires_grad], lr=s.init_lr, weight_decay=s.weight_decay)
+    w = _Worker(s, config, rank, world, ray.train.torch.get_device(), model, raw, opt)
 
-    step, epoch, step_in_epoch = 0, 0, 0
     seed = s.seed + 1000 * rank
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
     if train_state is not None:
         opt.load_state_dict(train_state["optimizer"])
-        step, epoch, step_in_epoch = train_state["step"], train_state["epoch"], train_state["step_in_epoch"]
+        w.step, w.epoch, w.step_in_epoch = train_state["step"], train_state["epoch"], train_state["step_in_epoch"]
         bufs = dict(raw.named_buffers())
         for k, v in train_state["queues"].items():
             if k in bufs:
@@ -462,139 +478,99 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rng = config["rng_states"].get(rank) if train_state["world_size"] == world else None
         if rng is not None:
             _set_rng_state(rng)
+    return w
 
-    keys = LOSS_KEYS[s.task]
-    probe_keys = PROBE_KEYS if s.task in ("pretrain", "retrieval") else ()
-    log = _Log(s.output, keys + probe_keys, step) if rank == 0 else None
-    steps_per_epoch = config["steps_per_epoch"]
-    total_steps = min(s.max_steps or 10**18, s.epochs * steps_per_epoch)
-    use_amp = device.type == "cuda" and s.bf16
-    base_alpha = model_cfg.alpha
-    t_start, t_last, n_last = time.time(), time.time(), 0
 
-    import ray.data
-
+def _epoch_batches(w: _Worker, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """This rank's batches of `epoch`: the same for the same (seed, epoch, rank, world), run after run."""
     from pipelines.data import build_train_dataset, shuffle_seed
 
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints its own progress line
-
-    def epoch_batches(ep: int):
-        """This rank's batches of epoch `ep`: the same for the same (seed, epoch, rank, world), run after run."""
-        ds = build_train_dataset(
-            config["tars"], config["augment"], config["text"], tokenizer, config["counter"], s.seed, ep, rank, world
+    s, c = w.s, w.config
+    ds = build_train_dataset(
+        c["tars"], c["augment"], c["text"], c["tokenizer"], c["counter"], s.seed, epoch, w.rank, w.world
+    )
+    return iter(
+        ds.iter_torch_batches(
+            batch_size=s.batch_size,
+            drop_last=True,
+            local_shuffle_buffer_size=s.shuffle_buffer or None,
+            local_shuffle_seed=shuffle_seed(s.seed, epoch, w.rank) if s.shuffle_buffer else None,
+            device=w.device,
         )
-        return iter(
-            ds.iter_torch_batches(
-                batch_size=s.batch_size,
-                drop_last=True,
-                local_shuffle_buffer_size=s.shuffle_buffer or None,
-                local_shuffle_seed=shuffle_seed(s.seed, ep, rank) if s.shuffle_buffer else None,
-                device=device,
-            )
-        )
+    )
 
-    model.train()
-    last_ckpt = step
-    while epoch < s.epochs and step < total_steps:
-        it = epoch_batches(epoch)
-        # resumed mid-epoch: replay (without training) the batches this epoch already trained on, so the run goes on
-        # with exactly the batches and augmentation draws the uninterrupted run would have had
-        for _ in range(step_in_epoch):
-            if next(it, None) is None:
-                break
-        batch: dict[str, torch.Tensor] | None = None
-        while step < total_steps and step_in_epoch < steps_per_epoch:
-            batch = next(it, None)
-            # every rank must run the same number of steps, or the DDP all-reduce hangs
-            if _all_min(int(batch is not None), device) == 0:
-                break
-            will_log = rank == 0 and ((step + 1) % s.log_every == 0 or step + 1 == total_steps)
-            lr = learning_rate(s, epoch, step_in_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            pixels = normalize(batch["image"], model_cfg.image_mean, model_cfg.image_std)  # (B, 3, S, S)
-            length = int(batch["attention_mask"].sum(1).max())  # trim to the longest text (padding="longest")
-            ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                # collapse signs on this batch, before the step trains on it (no gradient, no random draws)
-                probe = collapse_probe(raw, pixels, ids, mask, batch["idx"]) if will_log and probe_keys else {}
-                if s.task == "pretrain":
-                    alpha = alpha_at(s, base_alpha, epoch, step_in_epoch, steps_per_epoch)
-                    if s.itc_warmup_steps and step == s.itc_warmup_steps:
-                        raw.copy_params()  # momentum encoders start from the warmed-up towers
-                    losses = model(pixels, ids, mask, alpha=alpha, inbatch_itc=step < s.itc_warmup_steps)
-                elif s.task == "retrieval":
-                    alpha = alpha_at(s, base_alpha, epoch, step_in_epoch, steps_per_epoch)
-                    losses = model(pixels, ids, mask, batch["idx"], alpha=alpha)
-                else:
-                    losses = {"loss_lm": model(pixels, ids, mask)}
-            loss = sum(losses[k] for k in keys)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if s.grad_clip:
-                torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
-            opt.step()
-            step += 1
-            step_in_epoch += 1
-            n_last += s.batch_size * world
 
-            if will_log:
-                now = time.time()
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": lr,
-                    "loss": float(loss.detach()),
-                    **{k: float(losses[k].detach()) for k in keys},
-                    **probe,
-                    "samples_per_s": n_last / max(now - t_last, 1e-9),
-                    "elapsed_s": now - t_start,
-                }
-                log.write(row)
-                t_last, n_last = now, 0
-                parts = " ".join(f"{k[5:]} {row[k]:.3f}" for k in keys)
-                if probe:
-                    parts += f" | temp {probe['temp']:.3f} R@1 {probe['r1_i2t']:.2f}/{probe['r1_t2i']:.2f}"
-                done = int(20 * step / total_steps)
-                print(
-                    f"[{s.task}] [{'#' * done}{'.' * (20 - done)}] step {step}/{total_steps} ep {epoch} | {parts} | "
-                    f"lr {lr:.2e} | "
-                    f"{row['samples_per_s']:.1f} samples/s",
-                    flush=True,
-                )
-            if step % s.checkpoint_every == 0:
-                pos = {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch}
-                _write_checkpoint(raw, opt, s, pos, rank, world)
-                last_ckpt = step
-        if step_in_epoch >= steps_per_epoch or batch is None:
-            epoch, step_in_epoch = epoch + 1, 0
-        del it
+def _train_step(w: _Worker, batch: dict[str, torch.Tensor], probe_now: bool) -> tuple[float, dict[str, float]]:
+    """One optimizer step on `batch`; returns (lr, the step's losses + the collapse probe when `probe_now`)."""
+    from blip.image import normalize
 
-    if last_ckpt != step:
-        _write_checkpoint(raw, opt, s, {"step": step, "epoch": epoch, "step_in_epoch": step_in_epoch}, rank, world)
+    s, cfg, raw = w.s, w.config["model_config"], w.raw
+    keys = LOSS_KEYS[s.task]
+    lr = learning_rate(s, w.epoch, w.step_in_epoch)
+    for g in w.opt.param_groups:
+        g["lr"] = lr
+    pixels = normalize(batch["image"], cfg.image_mean, cfg.image_std)  # (B, 3, S, S)
+    length = int(batch["attention_mask"].sum(1).max())  # trim to the longest text (padding="longest")
+    ids, mask = batch["input_ids"][:, :length], batch["attention_mask"][:, :length]
+    alpha = alpha_at(cfg.alpha, w.epoch, w.step_in_epoch, w.config["steps_per_epoch"])
+    with torch.autocast(device_type=w.device.type, dtype=torch.bfloat16, enabled=w.device.type == "cuda" and s.bf16):
+        # collapse signs on this batch, before the step trains on it (no gradient, no random draws)
+        probe = collapse_probe(raw, pixels, ids, mask, batch["idx"]) if probe_now else {}
+        if s.task == "pretrain":
+            if s.itc_warmup_steps and w.step == s.itc_warmup_steps:
+                raw.copy_params()  # momentum encoders start from the warmed-up towers
+            losses = w.model(pixels, ids, mask, alpha=alpha, inbatch_itc=w.step < s.itc_warmup_steps)
+        elif s.task == "retrieval":
+            losses = w.model(pixels, ids, mask, batch["idx"], alpha=alpha)
+        else:
+            losses = {"loss_lm": w.model(pixels, ids, mask)}
+    loss = sum(losses[k] for k in keys)
+    w.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if s.grad_clip:
+        torch.nn.utils.clip_grad_norm_(raw.parameters(), s.grad_clip)
+    w.opt.step()
+    w.step += 1
+    w.step_in_epoch += 1
+    return lr, {"loss": float(loss.detach()), **{k: float(losses[k].detach()) for k in keys}, **probe}
 
-    # the parameters (and queues) must be the same on every worker after DDP training
+
+def _print_progress(w: _Worker, row: dict[str, Any], total_steps: int) -> None:
+    parts = " ".join(f"{k[5:]} {row[k]:.3f}" for k in LOSS_KEYS[w.s.task])
+    if "temp" in row:
+        parts += f" | temp {row['temp']:.3f} R@1 {row['r1_i2t']:.2f}/{row['r1_t2i']:.2f}"
+    done = int(20 * w.step / total_steps)
+    print(
+        f"[{w.s.task}] [{'#' * done}{'.' * (20 - done)}] step {w.step}/{total_steps} ep {w.epoch} | {parts} | "
+        f"lr {row['lr']:.2e} | {row['samples_per_s']:.1f} samples/s",
+        flush=True,
+    )
+
+
+def _finish(w: _Worker, t_start: float) -> None:
+    """Check that every worker ends with the same parameters, save the final model, report to Ray Train."""
+    import ray.train
     import torch.distributed as dist
 
-    digest = _param_digest(raw).to(device)
+    digest = _param_digest(w.raw).to(w.device)
     in_sync, max_diff = True, 0.0
-    if dist.is_available() and dist.is_initialized() and world > 1:
-        gathered = [torch.empty_like(digest) for _ in range(world)]
+    if dist.is_available() and dist.is_initialized() and w.world > 1:
+        gathered = [torch.empty_like(digest) for _ in range(w.world)]
         dist.all_gather(gathered, digest)
         max_diff = max(float((g - gathered[0]).abs().max()) for g in gathered)
         in_sync = max_diff == 0.0
-    if rank == 0:
-        save_folder(raw, s.output, slim=True)
+    if w.rank == 0:
+        save_folder(w.raw, w.s.output, slim=True)
     metrics = {
-        "final_step": step,
-        "epochs_done": epoch,
-        "world_size": world,
+        "final_step": w.step,
+        "epochs_done": w.epoch,
+        "world_size": w.world,
         "params_in_sync": in_sync,
         "param_digest_max_diff": max_diff,
         "train_seconds": time.time() - t_start,
     }
     # Ray Train (v2) keeps metrics only with a checkpoint: rank 0 attaches a tiny one, the weights live in --output
-    if rank == 0:
+    if w.rank == 0:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -602,6 +578,55 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     else:
         ray.train.report(metrics)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: epochs of this rank's batches, steps, logs, checkpoints, the final check."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the loop prints its own progress line
+    w = _setup_worker(config)
+    s = w.s
+    keys = LOSS_KEYS[s.task] + (PROBE_KEYS if s.task in ("pretrain", "retrieval") else ())
+    log = _Log(s.output, keys, w.step) if w.rank == 0 else None
+    steps_per_epoch = config["steps_per_epoch"]
+    total_steps = min(s.max_steps or 10**18, s.epochs * steps_per_epoch)
+    t_start, t_last, n_last = time.time(), time.time(), 0
+    w.model.train()
+    last_ckpt = w.step
+    while w.epoch < s.epochs and w.step < total_steps:
+        it = _epoch_batches(w, w.epoch)
+        # resumed mid-epoch: replay (without training) the batches this epoch already trained on, so the run goes on
+        # with exactly the batches and augmentation draws the uninterrupted run would have had
+        for _ in range(w.step_in_epoch):
+            if next(it, None) is None:
+                break
+        batch: dict[str, torch.Tensor] | None = None
+        while w.step < total_steps and w.step_in_epoch < steps_per_epoch:
+            batch = next(it, None)
+            # every rank must run the same number of steps, or the DDP all-reduce hangs
+            if _all_min(int(batch is not None), w.device) == 0:
+                break
+            will_log = w.rank == 0 and ((w.step + 1) % s.log_every == 0 or w.step + 1 == total_steps)
+            epoch = w.epoch
+            lr, values = _train_step(w, batch, probe_now=will_log and len(keys) > len(LOSS_KEYS[s.task]))
+            n_last += s.batch_size * w.world
+            if will_log:
+                now = time.time()
+                row = {"step": w.step, "epoch": epoch, "lr": lr, **values}
+                row |= {"samples_per_s": n_last / max(now - t_last, 1e-9), "elapsed_s": now - t_start}
+                log.write(row)
+                _print_progress(w, row, total_steps)
+                t_last, n_last = now, 0
+            if w.step % s.checkpoint_every == 0:
+                _write_checkpoint(w.raw, w.opt, s, w.position, w.rank, w.world)
+                last_ckpt = w.step
+        if w.step_in_epoch >= steps_per_epoch or batch is None:
+            w.epoch, w.step_in_epoch = w.epoch + 1, 0
+        del it
+    if last_ckpt != w.step:
+        _write_checkpoint(w.raw, w.opt, s, w.position, w.rank, w.world)
+    _finish(w, t_start)
 
 
 # ---------------------------------------------------------------------------------------------------- driver

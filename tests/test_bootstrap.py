@@ -85,3 +85,44 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, skipped") == len(STEPS)
     assert time.time() - t0 < 120
+
+
+def test_roc_auc_matches_brute_force():
+    import numpy as np
+
+    from pipelines.bootstrap import roc_auc
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.random(40).round(1), (rng.random(55) * 0.8).round(1)  # rounded: many ties
+    brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
+    assert abs(roc_auc(pos, neg) - brute) < 1e-12
+    assert roc_auc([1.0, 2.0], [0.0]) == 1.0 and roc_auc([0.0], [1.0, 2.0]) == 0.0 and roc_auc([], [1.0]) is None
+
+
+def test_bootstrap_init_starts_both_arms_from_the_checkpoint(tmp_path, tiny_vocab_dir, monkeypatch):
+    """`capfilt bootstrap --init CKPT`: pretraining starts from CKPT with CKPT's own tokenizer, not the synthetic one."""
+    import torch
+
+    from blip import save_pretrained
+    from blip.config import BlipConfig
+    from blip.model import BlipPretrain
+    from blip.tokenizer import build_tokenizer
+    from pipelines.bootstrap import Bootstrap, BootstrapConfig
+    from pipelines.train import TrainSettings, build_model
+
+    torch.manual_seed(0)
+    ckpt = BlipPretrain(BlipConfig.from_name("tiny", family="pretrain", queue_size=64))
+    ckpt.tokenizer = build_tokenizer(tiny_vocab_dir)
+    save_pretrained(ckpt, tmp_path / "pretrained")
+    monkeypatch.chdir(tmp_path)  # a relative --init, as a user types it
+    cfg = BootstrapConfig.from_yaml(
+        str(ROOT / "configs" / "bootstrap_ci.yaml"), workdir=str(tmp_path / "w"), init="pretrained"
+    )
+    assert cfg.init == str(tmp_path / "pretrained")
+    overrides = Bootstrap(cfg).pretrain_overrides(str(tmp_path / "synthetic_vocab"))
+    assert "tokenizer" not in overrides and overrides["init"] == cfg.init
+    s = TrainSettings.from_yaml(cfg.pretrain_config, **overrides, data=str(tmp_path), output=str(tmp_path / "o"))
+    model, tok = build_model(s, s.init)
+    assert len(tok) == len(ckpt.tokenizer)
+    for k, v in ckpt.state_dict().items():  # the arm starts from the checkpoint's weights
+        assert torch.equal(model.state_dict()[k], v), k
