@@ -37,6 +37,9 @@ class BootstrapConfig:
     web: str | None = None
     clean: str | None = None
     test: str | None = None
+    # the tokenizer of a from-scratch run: "small" = just the synthetic world's words (~500 tokens: the 30k-entry LM head
+    # would dominate a tiny model's step time), "bert" = the 30522-line bert-base-uncased layout
+    vocab: str = "small"
     # a pretrained start for both pretraining arms (e.g. the official BLIP checkpoint; its own tokenizer is used);
     # None: from scratch with the synthetic world's tokenizer
     init: str | None = None
@@ -56,6 +59,10 @@ class BootstrapConfig:
         from pipelines.settings import load_settings
 
         return load_settings(cls, path, overrides)
+
+    def validate(self) -> None:
+        if self.vocab not in ("small", "bert"):
+            raise ValueError(f"vocab must be 'small' or 'bert', got {self.vocab!r}")
 
     def resolve_paths(self) -> BootstrapConfig:
         """Relative paths (relative to the working directory, as on the command line) -> absolute, before any step
@@ -108,7 +115,10 @@ class Bootstrap:
         from capfilt.synth import VOCAB_WORDS, write_corpus
 
         c = self.cfg
-        out: dict[str, Any] = {"tokenizer": str(write_vocab(self.path("tokenizer"), VOCAB_WORDS))}
+        small = c.vocab == "small"
+        out: dict[str, Any] = {
+            "tokenizer": str(write_vocab(self.path("tokenizer"), VOCAB_WORDS, pad_to_bert=not small))
+        }
         sets = {"web": (c.web_samples, c.noise, c.seed), "clean": (c.clean_samples, 0.0, c.seed + 1)}
         sets["test"] = (c.test_samples, 0.0, c.seed + 2)
         for name, (n, noise, seed) in sets.items():

@@ -5,8 +5,8 @@
         parquet + tar of the shard -> `_state/{shard}.json` last (the commit point)  --(one small record)--> driver
 
 The unit of work is one input shard (as img2dataset's distributor): the driver hands shard descriptors to the
-actors, at most `shards_per_actor` in flight each (two: the next shard's read and decode hide behind the current
-one's model work), and gets back one record per shard (counts + score histograms, a few kB). No sample ever passes
+actors, at most `shards_per_actor` in flight each (two on a GPU: the next shard's read and decode hide behind the
+current one's model work), and gets back one record per shard (counts + score histograms, a few kB). No sample ever passes
 through the driver or the object store, so the driver costs the same per shard whatever the shard size and however
 many GPUs there are.
 
@@ -50,7 +50,9 @@ class RunConfig(CapFiltSettings):
     actors: int | None = None  # None: one per GPU in the cluster, or one CPU actor when there is none
     actor_cpus: float = 1.0  # CPU actors: CPUs reserved per actor (also its torch threads)
     decode_threads: int | None = None  # per actor; None: 4 on a GPU actor (which reserves them as CPUs), 1 on CPU
-    shards_per_actor: int = 2  # shard calls in flight per actor (the next one's read/decode overlaps the model)
+    # shard calls in flight per actor; None: 2 on a GPU actor (the next shard's read and the last one's commit overlap
+    # the model), 1 on a CPU actor (there the overlap competes with the model for the cores: measured slower)
+    shards_per_actor: int | None = None
     prefetch_batches: int = 3  # decoded batches queued ahead of the model, per shard call
     retries: int = 3  # a shard whose actor died or whose processing raised is retried this many times
     max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap (PIL's default)
@@ -69,7 +71,10 @@ class RunConfig(CapFiltSettings):
             (self.actors is None or self.actors >= 1, f"actors must be >= 1, got {self.actors}"),
             (self.actor_cpus > 0, f"actor_cpus must be > 0, got {self.actor_cpus}"),
             (self.decode_threads is None or self.decode_threads >= 1, "decode_threads must be >= 1"),
-            (self.shards_per_actor >= 1, f"shards_per_actor must be >= 1, got {self.shards_per_actor}"),
+            (
+                self.shards_per_actor is None or self.shards_per_actor >= 1,
+                f"shards_per_actor must be >= 1, got {self.shards_per_actor}",
+            ),
             (self.prefetch_batches >= 1, f"prefetch_batches must be >= 1, got {self.prefetch_batches}"),
             (self.retries >= 0, f"retries must be >= 0, got {self.retries}"),
             (self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}"),
@@ -198,8 +203,9 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
     return summary
 
 
-def _pool_shape(cfg: RunConfig) -> tuple[int, str, dict[str, Any], int]:
-    """(actors, device, Ray resources per actor, decode threads per actor) for the cluster we are connected to."""
+def _pool_shape(cfg: RunConfig) -> tuple[int, str, dict[str, Any], int, int]:
+    """(actors, device, Ray resources per actor, decode threads and shard calls in flight per actor) for the
+    cluster we are connected to."""
     import ray
 
     gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device in ("auto", "cuda") else 0
@@ -208,7 +214,7 @@ def _pool_shape(cfg: RunConfig) -> tuple[int, str, dict[str, Any], int]:
     threads = cfg.decode_threads or (4 if on_gpu else 1)
     # a GPU actor reserves its decode cores on the GPU's node: decoding stays next to the device it feeds
     resources = {"num_gpus": 1, "num_cpus": threads} if on_gpu else {"num_cpus": cfg.actor_cpus}
-    return cfg.actors or max(gpus, 1), device, resources, threads
+    return cfg.actors or max(gpus, 1), device, resources, threads, cfg.shards_per_actor or (2 if on_gpu else 1)
 
 
 def _schedule(
@@ -227,7 +233,7 @@ def _schedule(
     from tqdm import tqdm
 
     cpu0 = time.process_time()
-    n_actors, device, resources, threads = _pool_shape(cfg)
+    n_actors, device, resources, threads, per_actor = _pool_shape(cfg)
     on_gpu = device.startswith("cuda")
     stage_settings = {**cfg.stage_settings(), "device": device}
     worker = WorkerSettings(
@@ -241,7 +247,7 @@ def _schedule(
     )
     # failures are handled here, not by Ray's restarts: a dead actor's shards must go to whichever actor is alive
     Remote = ray.remote(CapFiltWorker).options(
-        max_concurrency=cfg.shards_per_actor + 1, max_restarts=0, max_task_retries=0, **resources
+        max_concurrency=per_actor + 1, max_restarts=0, max_task_retries=0, **resources
     )
     queue = deque(todo)
     attempts: dict[str, int] = {}
@@ -278,7 +284,7 @@ def _schedule(
     try:
         while queue or inflight:
             for aid, a in actors.items():
-                while queue and len(a.inflight) < cfg.shards_per_actor:
+                while queue and len(a.inflight) < per_actor:
                     shard = queue.popleft()
                     ref = a.handle.process.remote(shard, attempts.get(shard.name, 0))
                     a.inflight.add(ref)

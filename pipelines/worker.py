@@ -9,7 +9,8 @@
 No Ray here: `ShardProcessor` is a plain class (`setup()`, `__call__(shard) -> record`), run inside a Ray actor by
 pipelines/run.py and tested without Ray. Two calls may run at once on one processor (the actor's
 `max_concurrency=2`): the next shard's read and decode then hide behind the current shard's model work, and the
-lock keeps the device busy with one batch at a time. What goes back to the caller is one small record per shard
+lock keeps the device busy with one batch at a time; only one shard is read at a time (the next one starts when the
+current one is read, its last batches still queued), so the overlap costs no contention. What goes back to the caller is one small record per shard
 (its counts and score histograms), never a sample.
 """
 
@@ -63,6 +64,9 @@ class ShardProcessor:
         self.stage = self.make_stage(CapFiltStage)
         self.stage.setup()
         self.model_lock = threading.Lock()
+        # one shard is read at a time: the next call's reader starts when the current one has read its shard (its
+        # last batches still queued for the model), so reading overlaps the model without two readers competing
+        self.read_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         self.fs, root = fsspec.core.url_to_fs(self.settings.output, **self.settings.storage_options)
         self.root = root.rstrip("/")
@@ -99,11 +103,17 @@ class ShardProcessor:
     def _feed(self, reader: ShardReader, batches: queue.Queue, stop: threading.Event) -> None:
         """Reader thread: full batches of rows, each with its decode futures, into the bounded queue."""
         try:
-            for rows in _chunks(iter(reader), self.stage.batch_size):
-                s, cap = self.settings.image_size, self.settings.max_pixels
-                decoded = [self.pool.submit(decode_or_error, r["image"], s, cap) for r in rows]
-                if not _put(batches, (rows, decoded), stop):
+            while not self.read_lock.acquire(timeout=0.2):
+                if stop.is_set():
                     return
+            try:
+                for rows in _chunks(iter(reader), self.stage.batch_size):
+                    s, cap = self.settings.image_size, self.settings.max_pixels
+                    decoded = [self.pool.submit(decode_or_error, r["image"], s, cap) for r in rows]
+                    if not _put(batches, (rows, decoded), stop):
+                        return
+            finally:
+                self.read_lock.release()
             _put(batches, _END, stop)
         except BaseException as e:  # noqa: BLE001 - a reader bug reaches the caller, not a silent hang
             _put(batches, e, stop)

@@ -53,7 +53,9 @@ def test_worker_node_lost_mid_run(ray_cluster_3, tmp_path, capfilt_models):
     corpus = str(tmp_path / "corpus")
     write_corpus(corpus, 40, seed=8, image_size=64, samples_per_shard=4)  # 10 shards
     out = Path(tmp_path / "out")
-    cfg = tiny_config(corpus, str(out), capfilt_models, address=cluster.address, actors=2, batch_size=2)
+    cfg = tiny_config(
+        corpus, str(out), capfilt_models, address=cluster.address, actors=2, batch_size=2, shards_per_actor=2
+    )
     removed: dict = {}
 
     def remove_a_worker_node() -> None:

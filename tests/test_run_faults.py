@@ -174,7 +174,7 @@ def test_truncated_shard_and_actor_crash(ray_local, tmp_path, capfilt_models):
     readable = write_truncated_shard(f"{src}/00001.tar", str(corpus / "00001.tar"), fraction=0.6)
     crash = tmp_path / "crash.marker"
     out = str(tmp_path / "out")
-    cfg = tiny_config(str(corpus), out, capfilt_models, batch_size=2)
+    cfg = tiny_config(str(corpus), out, capfilt_models, batch_size=2, shards_per_actor=2)  # two shards on the actor
     summary = run_capfilt(cfg, processor_cls=_subclass(CrashOnce, marker=str(crash)))
     assert crash.exists(), "the injected actor crash did not happen"
     # the dead actor's shards (the one it crashed in, and the next one it had started reading) were retried
