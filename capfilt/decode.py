@@ -210,7 +210,10 @@ class DecodeStage:
             # first non-empty image; else whatever is there (b"" gives "empty image", None gives "no image bytes")
             data = next((v for v in values if _present(v)), next((v for v in values if v is not None), None))
             if data is None and not columns:
-                status[i], error[i] = "decode_error", f"no image column {self.image_column!r} (columns: {sorted(batch)})"
+                status[i], error[i] = (
+                    "decode_error",
+                    f"no image column {self.image_column!r} (columns: {sorted(batch)})",
+                )
                 continue
             px, status[i], error[i], width[i], height[i] = decode_or_error(data, s, self.max_pixels)
             if px is not None:
