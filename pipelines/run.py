@@ -151,6 +151,7 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
     import ray
 
     echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    cfg.resolve_paths()  # also for a RunConfig built in code: the actors do not share our working directory
     cfg.validate()
     so = cfg.storage_options
     shards = list_shards(cfg.input, so)
