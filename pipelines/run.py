@@ -204,12 +204,10 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
     return summary
 
 
-def _pool_shape(cfg: RunConfig) -> tuple[int, str, dict[str, Any], int, int]:
-    """(actors, device, Ray resources per actor, decode threads and shard calls in flight per actor) for the
-    cluster we are connected to."""
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if cfg.device in ("auto", "cuda") else 0
+def pool_shape(cfg: RunConfig, cluster_gpus: int) -> tuple[int, str, dict[str, Any], int, int]:
+    """(actors, device, Ray resources per actor, decode threads and shard calls in flight per actor) for a cluster
+    with `cluster_gpus` GPUs."""
+    gpus = cluster_gpus if cfg.device in ("auto", "cuda") else 0
     device = cfg.device if cfg.device != "auto" else ("cuda" if gpus else "cpu")
     on_gpu = device.startswith("cuda")
     threads = cfg.decode_threads or (4 if on_gpu else 1)
@@ -234,7 +232,7 @@ def _schedule(
     from tqdm import tqdm
 
     cpu0 = time.process_time()
-    n_actors, device, resources, threads, per_actor = _pool_shape(cfg)
+    n_actors, device, resources, threads, per_actor = pool_shape(cfg, int(ray.cluster_resources().get("GPU", 0)))
     on_gpu = device.startswith("cuda")
     stage_settings = {**cfg.stage_settings(), "device": device}
     worker = WorkerSettings(

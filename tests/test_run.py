@@ -354,3 +354,17 @@ def test_driver_receives_one_small_record_per_shard(ray_local, tmp_path, capfilt
         per_record[per_shard] = d["record_bytes"] / d["records"]
     # 8x the samples per shard, the same record: counts and fixed-bin histograms, no rows
     assert per_record[16] < 1.2 * per_record[2] and per_record[16] < 8_000, per_record
+
+
+def test_pool_shape_one_actor_per_gpu_with_its_decode_cores(tmp_path, wds_corpus):
+    """The GPU path's placement, checked without a GPU: one actor per GPU, each reserving its decode threads as CPUs
+    on the GPU's node, two shards in flight; CPU-only clusters get CPU actors with one shard in flight."""
+    from pipelines.run import pool_shape
+
+    cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"))  # configs/capfilt.yaml: device auto
+    assert pool_shape(cfg, 8) == (8, "cuda", {"num_gpus": 1, "num_cpus": 4}, 4, 2)
+    assert pool_shape(cfg, 0) == (1, "cpu", {"num_cpus": 1.0}, 1, 1)
+    cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"), decode_threads=6)
+    assert pool_shape(cfg, 2)[2:4] == ({"num_gpus": 1, "num_cpus": 6}, 6)
+    cfg = load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), device="cpu", actors=3)
+    assert pool_shape(cfg, 8)[:2] == (3, "cpu")  # GPUs present, CPU asked for
