@@ -163,12 +163,16 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
     for sub in ("parquet", "tars", "_state"):
         out_fs.makedirs(posixpath.join(root, sub), exist_ok=True)
     clean_tmp(out_fs, root)  # before any worker writes: what is left now is a killed run's
-    states = {s["shard"]: s for s in iter_states(out_fs, root)}
-    todo = [s for s in shards if states.get(s.name, {}).get("state") != "done"]
+    # the summary is built as records come (histograms merged, records dropped): driver memory ~ shards, not samples
+    builder, by_name = SummaryBuilder(), {s.name: s for s in shards}
+    for st in iter_states(out_fs, root):
+        if st.get("state") == "done" and st["shard"] in by_name:
+            builder.add(st["shard"], by_name[st["shard"]].path, st)
+    todo = [s for s in shards if s.name not in builder.names]
     skipped = len(shards) - len(todo)
     echo(f"capfilt run: {len(shards)} shards ({skipped} already done, {len(todo)} to do) -> {cfg.output}")
 
-    t0 = time.time()
+    t0, n_rows = time.time(), 0
     driver: dict[str, Any] = {"records": 0, "record_bytes": 0, "heartbeats": 0, "cpu_seconds": 0.0}
     driver.update(retries=0, workers_lost=0)
     if todo:
@@ -178,16 +182,15 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
             started_ray = True
         try:
             for rec in _schedule(cfg, todo, image_size, out_fs, root, echo, processor_cls, driver):
-                states[rec["shard"]] = rec
+                builder.add(rec["shard"], by_name[rec["shard"]].path, rec)
+                n_rows += int(rec.get("in", 0))
         finally:
             if started_ray:
                 ray.shutdown()
     elapsed = time.time() - t0
-
-    builder = SummaryBuilder()
-    for s in shards:
-        builder.add(s.name, s.path, states.get(s.name))
-    n_rows = sum(int(states[s.name].get("in", 0)) for s in todo if s.name in states)
+    for s in todo:
+        if s.name not in builder.names:  # only when the job stopped early
+            builder.add(s.name, s.path, None)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "storage_options")}
     head = {"input": cfg.input, "output": cfg.output, "captioner": cfg.captioner, "filter": cfg.filter}
     summary = builder.build(

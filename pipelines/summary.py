@@ -26,8 +26,11 @@ class SummaryBuilder:
         self.hists = {k: np.zeros(HIST_BINS, dtype=np.int64) for k in HIST_RANGES}
         self.per_shard: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
+        self.names: set[str] = set()
 
     def add(self, name: str, path: str, state: dict[str, Any] | None) -> None:
+        """One shard's state record (histograms merged here; the record itself is not kept)."""
+        self.names.add(name)
         if state is None:
             state = {"state": "failed", "error": "not processed (no output state)"}
         if state.get("state") != "done":
@@ -47,12 +50,12 @@ class SummaryBuilder:
             **head,
             "shards": len(self.per_shard),
             "shards_done": len(self.per_shard) - len(self.failed),
-            "failed_shards": self.failed,
+            "failed_shards": sorted(self.failed, key=lambda f: f["shard"]),
             "counts": dict(t),
             "kept_fraction": round(t["kept"] / t["ok"], 4) if t["ok"] else None,
             "quantiles": {k: quantiles(h.tolist(), *HIST_RANGES[k]) for k, h in self.hists.items()},
             "histograms": {k: {"range": list(HIST_RANGES[k]), "counts": h.tolist()} for k, h in self.hists.items()},
-            "per_shard": self.per_shard,
+            "per_shard": sorted(self.per_shard, key=lambda r: r["shard"]),
             **tail,
         }
 
