@@ -257,7 +257,7 @@ def test_cli(run_output, tmp_path):
     r = CliRunner().invoke(main, ["report", str(tmp_path / "nope")])
     assert r.exit_code == 1 and "does not exist" in r.output
     r = CliRunner().invoke(main, ["report", str(run_output["out"]), "--storage-options", "{nope"])
-    assert r.exit_code == 1 and "not JSON" in r.output
+    assert r.exit_code == 1 and "--storage-options is not valid JSON" in r.output
     (tmp_path / "empty").mkdir()
     r = CliRunner().invoke(main, ["report", str(tmp_path / "empty")])
     assert r.exit_code == 1 and "no per-sample parquet" in r.output

@@ -75,8 +75,11 @@ def test_threshold_extremes(models):
     assert all(k for k in keep_all["kept"])
     assert all(len(t) == 3 for t in keep_all["kept_texts"])  # web + 2 synthetic
     assert [t[0] for t in keep_all["kept_texts"]] == list(b["caption"])  # web text first
-    keep_none = _stage(models, num_captions=2, threshold=1.01)(b)
+    keep_none = _stage(models, num_captions=2, threshold=1.0)(b)  # a softmax probability stays below 1 here
+    assert max(p for ps in keep_none["synthetic_itm"] for p in ps) < 1.0 and max(keep_none["web_itm"]) < 1.0
     assert not any(keep_none["kept"]) and set(keep_none["reason"]) == {"below_threshold"}
+    with pytest.raises(ValueError, match="threshold"):  # a probability threshold: [0, 1], checked by the stage too
+        _stage(models, threshold=1.01)(b)
     none_at_all = _stage(models, num_captions=0, threshold=0.0)({**b, "caption": np.array([None] * 3, dtype=object)})
     assert set(none_at_all["reason"]) == {"no_text"}
 
