@@ -125,17 +125,9 @@ def read_checkpoint(path: Path, family: str | None = None) -> tuple[BlipConfig, 
             if len(pths) == 1:  # a folder holding one original checkpoint (+ maybe a tokenizer)
                 return read_checkpoint(pths[0], family)
             raise CheckpointError(f"{path} has no config.json: expected our folder, a transformers folder or one .pth")
-        cfg_json = json.loads(cfg_file.read_text())
+        cfg, fmt = _folder_config(cfg_file, family)
         sd = _read_folder_weights(path)
-        if _is_ours(cfg_json):
-            cfg = BlipConfig.from_dict(cfg_json)
-            return (cfg if family is None else _with_family(cfg, family)), sd, "capfilt"
-        if cfg_json.get("model_type") == "blip" or "vision_config" in cfg_json:
-            cfg = config_from_hf(cfg_json, family)
-            return cfg, _hf_to_original(sd, path), "transformers"
-        raise CheckpointError(
-            f"{cfg_file} is neither our config (family, vision, text) nor a transformers BLIP config (model_type blip)"
-        )
+        return cfg, (_hf_to_original(sd, path) if fmt == "transformers" else sd), fmt
     sd = _read_file(path)
     if any(k.startswith("vision_model.") for k in sd):  # a bare transformers weights file: sizes from shapes
         sd = _hf_to_original(sd, path)
@@ -251,8 +243,23 @@ def _fit_tokenizer(
         ) from None
 
 
-def _is_ours(cfg_json: dict[str, Any]) -> bool:
-    return cfg_json.get("format") == FORMAT_TAG or ("vision" in cfg_json and "family" in cfg_json)
+def _folder_config(cfg_file: Path, family: str | None) -> tuple[BlipConfig, str]:
+    """A folder's config.json -> (BlipConfig, "capfilt" | "transformers"), without reading any weights."""
+    try:
+        cfg_json = json.loads(cfg_file.read_text())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file} is not JSON: {e}") from None
+    try:
+        if cfg_json.get("format") == FORMAT_TAG or ("vision" in cfg_json and "family" in cfg_json):
+            cfg = BlipConfig.from_dict(cfg_json)
+            return (cfg if family is None else _with_family(cfg, family)), "capfilt"
+        if cfg_json.get("model_type") == "blip" or "vision_config" in cfg_json:
+            return config_from_hf(cfg_json, family), "transformers"
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+    raise CheckpointError(
+        f"{cfg_file} is neither our config (family, vision, text) nor a transformers BLIP config (model_type blip)"
+    )
 
 
 def read_config(
@@ -269,22 +276,9 @@ def read_config(
     path = resolve(path_or_id)
     cfg_file = path / "config.json"
     if path.is_dir() and cfg_file.is_file():
-        try:
-            cfg_json = json.loads(cfg_file.read_text())
-        except ValueError as e:
-            raise CheckpointError(f"{cfg_file} is not JSON: {e}") from None
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise CheckpointError(f"no weights in {path}: expected one of {', '.join(WEIGHT_FILES)}")
-        try:
-            if _is_ours(cfg_json):
-                cfg = BlipConfig.from_dict(cfg_json)
-                cfg = cfg if family is None else _with_family(cfg, family)
-            elif cfg_json.get("model_type") == "blip" or "vision_config" in cfg_json:
-                cfg = config_from_hf(cfg_json, family)
-            else:
-                raise ValueError("neither our config (family, vision, text) nor a transformers BLIP config")
-        except (TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{cfg_file}: {e}") from None
+        cfg = _folder_config(cfg_file, family)[0]
     else:
         cfg = read_checkpoint(path, family)[0]
     return _fit_tokenizer(cfg, path, tokenizer_path)[0]
