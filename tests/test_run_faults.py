@@ -212,3 +212,16 @@ def test_poison_shard_is_retried_then_failed(ray_local, tmp_path, capfilt_models
     again = run_capfilt(tiny_config(corpus, out, capfilt_models))
     assert again["shards_skipped"] == 2 and again["failed_shards"] == [] and again["counts"]["in"] == 9
     check_output(out, corpus)
+
+
+def test_progress_bar_fed_by_shard_records_and_heartbeats(ray_local, tmp_path, capfilt_models, capfd):
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, 16, seed=3, image_size=64, samples_per_shard=4)
+    cfg = tiny_config(corpus, str(tmp_path / "out"), capfilt_models, batch_size=2)
+    cfg.progress = True
+    from tests.test_run_cluster import SlowBatches  # slowed per batch: the run outlasts a few heartbeat periods
+
+    summary = run_capfilt(cfg, processor_cls=SlowBatches)
+    err = capfd.readouterr().err
+    assert summary["driver"]["heartbeats"] >= 1  # live samples/s came from the actor's counter
+    assert "4/4" in err and "shard" in err and "samples committed" in err and "samples/s" in err
