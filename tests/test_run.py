@@ -254,6 +254,8 @@ def test_config_errors_before_ray(tmp_path, capfilt_models, wds_corpus):
         (["--input", wds_corpus, "--captioner", str(tmp_path / "nomodel"), "--filter", capfilt_models[1]], "captioner"),
         (["--input", wds_corpus, "--captioner", capfilt_models[1], "--filter", capfilt_models[1]], "'retrieval' checkpoint"),
         (["--input", wds_corpus, "--captioner", capfilt_models[0], "--filter", capfilt_models[1], "--storage-options", "{"], "JSON"),
+        (["--input", wds_corpus, "--captioner", capfilt_models[0], "--filter", capfilt_models[1], "--retries", "-1"], "retries"),
+        (["--input", wds_corpus, "--captioner", capfilt_models[0], "--filter", capfilt_models[1], "--decode-threads", "0"], "decode_threads"),
     ]  # fmt: skip
     import ray
 
