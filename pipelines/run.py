@@ -136,6 +136,7 @@ class _Actor:
     node: str
     inflight: set = field(default_factory=set)
     heartbeat: Any = None  # the pending heartbeat call
+    heartbeat_sent: float = 0.0  # when it was sent
     processed: int = 0  # its last heartbeat
 
 
@@ -257,7 +258,7 @@ def _schedule(
     starting: dict[Any, Any] = {}  # ready() ref -> handle, until the actor has loaded its models
     inflight: dict[Any, tuple[Shard, int]] = {}  # process() ref -> (shard, actor id)
     next_id = iter(range(1 << 62))
-    start_failures, waited_since, last_hb = 0, time.time(), 0.0
+    start_failures, waited_since = 0, time.time()
     samples, t_start = 0, time.time()
 
     def start_actor() -> None:
@@ -326,8 +327,7 @@ def _schedule(
                     bar.write(f"  shard {rec['shard']} FAILED: {rec.get('error')}")
                 bar.update(1)
                 yield rec
-            if cfg.progress and time.time() - last_hb > 2.0:  # live samples/s from the actors' counters
-                last_hb = time.time()
+            if cfg.progress:  # live samples/s from the actors' counters
                 live = _heartbeats(actors, driver)
                 bar.set_postfix_str(f"{samples} samples committed, {live / (time.time() - t_start):.1f} samples/s")
     finally:
@@ -339,8 +339,10 @@ def _schedule(
         driver["cpu_seconds"] = round(time.process_time() - cpu0, 3)
 
 
-def _heartbeats(actors: dict[int, _Actor], driver: dict[str, Any]) -> int:
-    """Collect finished heartbeat calls and start new ones; returns the samples processed by live actors."""
+def _heartbeats(actors: dict[int, _Actor], driver: dict[str, Any], period: float = 2.0) -> int:
+    """Collect finished heartbeat calls (polled every scheduler turn, so a short run still gets one) and send a new
+    one per actor at most every `period` s, the first as soon as the actor is up; returns the samples processed by
+    live actors."""
     import ray
 
     for a in actors.values():
@@ -353,7 +355,9 @@ def _heartbeats(actors: dict[int, _Actor], driver: dict[str, Any]) -> int:
                 driver["heartbeats"] += 1
             except Exception:  # noqa: BLE001 - a dying actor; its shard calls report the failure
                 pass
-        a.heartbeat = a.handle.heartbeat.remote()
+            a.heartbeat = None
+        if time.time() - a.heartbeat_sent >= period:
+            a.heartbeat, a.heartbeat_sent = a.handle.heartbeat.remote(), time.time()
     return sum(a.processed for a in actors.values())
 
 
