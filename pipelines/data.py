@@ -305,13 +305,24 @@ def epoch_plan(tars: list[str], seed: int, epoch: int, rank: int = 0, world: int
     takes every world-th tar of it (offset 0, stride 1); with fewer tars than ranks, every rank reads every tar and
     keeps the samples whose index in the tar is offset (= rank) modulo stride (= world).
     """
-    order = sorted(tars)
+    names = tar_names(tars)
+    order = sorted(tars, key=names.__getitem__)
     random.Random(draw_seed(seed, epoch, "tar-order")).shuffle(order)
     if world == 1:
         return order, 0, 1
     if len(order) >= world:
         return order[rank::world], 0, 1
     return order, rank, world
+
+
+def tar_names(tars: list[str]) -> dict[str, str]:
+    """Each tar's path below the deepest folder all of them share ("web/00000.tar"): what seeds its draws, so a copy
+    of the data (another clone, another workdir, another bucket) gives the same batches as the original."""
+    parts = [t.split("/") for t in tars]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return {t: "/".join(p[common:]) for t, p in zip(tars, parts, strict=True)}
 
 
 def _tar_to_rows(
@@ -341,6 +352,17 @@ def _tar_to_rows(
         counter.add.remote(bad)
 
 
+def read_tasks(tars: list[str], seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[dict[str, Any]]:
+    """One rank's read tasks of one epoch, in reading order: {path, seed of every draw in that tar, offset, stride}.
+    The seed comes from the tar's name below the data's common folder, not its absolute path, so the same data in
+    another clone, workdir or bucket trains on the same batches."""
+    paths, offset, stride = epoch_plan(tars, seed, epoch, rank, world)
+    names = tar_names(tars)
+    return [
+        {"path": p, "seed": draw_seed(seed, epoch, rank, names[p]), "offset": offset, "stride": stride} for p in paths
+    ]
+
+
 def build_train_dataset(
     tars: list[str],
     aug: AugmentConfig,
@@ -353,13 +375,13 @@ def build_train_dataset(
     world: int = 1,
 ):
     """One epoch of one rank's training rows as a lazy, streaming Ray Dataset: one read task per tar, in the order
-    of `epoch_plan`, rows kept in that order (preserve_order), every random draw seeded per (seed, epoch, rank, tar).
+    of `epoch_plan`, rows kept in that order (preserve_order), every random draw seeded per (seed, epoch, rank, tar
+    name relative to the data's common folder).
     Rows are mixed further by the local shuffle buffer of `iter_torch_batches` (seed it with `shuffle_seed`). So one
     (seed, epoch, rank, world) always gives the same batches. No all-to-all step, so it streams."""
     import ray.data
 
-    paths, offset, stride = epoch_plan(tars, seed, epoch, rank, world)
-    items = [{"path": p, "seed": draw_seed(seed, epoch, rank, p), "offset": offset, "stride": stride} for p in paths]
+    items = read_tasks(tars, seed, epoch, rank, world)
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.flat_map(_tar_to_rows, fn_kwargs={"aug": aug, "text": text, "tokenizer": tokenizer, "counter": counter})
     ds.context.execution_options.preserve_order = True  # blocks in tar order, whichever read task ends first

@@ -83,7 +83,16 @@ def test_train_augmentations_shapes_and_randomness():
 def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
     """Data order and every random draw are a function of (seed, epoch, rank, world): same in, same rows out."""
     from blip.tokenizer import build_tokenizer
-    from pipelines.data import AugmentConfig, TextConfig, _tar_to_rows, draw_seed, epoch_plan, list_tars
+    from pipelines.data import (
+        AugmentConfig,
+        TextConfig,
+        _tar_to_rows,
+        draw_seed,
+        epoch_plan,
+        list_tars,
+        read_tasks,
+        tar_names,
+    )
 
     tars = [f"t{i}.tar" for i in range(5)]
     assert epoch_plan(tars, 7, 0) == epoch_plan(list(reversed(tars)), 7, 0)  # the order of --data does not matter
@@ -94,6 +103,14 @@ def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
     parts = [epoch_plan(tars[:2], 7, 0, r, 4) for r in range(4)]  # fewer tars than ranks: every rank strides
     assert [(o, s) for _, o, s in parts] == [(0, 4), (1, 4), (2, 4), (3, 4)]
     assert draw_seed(1, 2, 0, "a") == draw_seed(1, 2, 0, "a") != draw_seed(1, 3, 0, "a")
+    # the same data in another folder or bucket (another clone, another workdir): the same order and draws
+    here = [f"/home/a/runs/demo/data/{d}/{i:05d}.tar" for d in ("web", "clean") for i in range(3)]
+    there = [p.replace("/home/a/runs/demo", "s3://bucket/x") for p in here]
+    assert tar_names(here)[here[0]] == "web/00000.tar" and tar_names(["/d/only.tar"]) == {"/d/only.tar": "only.tar"}
+    for epoch, rank, world in ((0, 0, 1), (2, 1, 2)):
+        a, b = read_tasks(here, 7, epoch, rank, world), read_tasks(there, 7, epoch, rank, world)
+        assert [t["path"].replace("/home/a/runs/demo", "s3://bucket/x") for t in a] == [t["path"] for t in b]
+        assert [t["seed"] for t in a] == [t["seed"] for t in b] and len({t["seed"] for t in a}) == len(a)
 
     write_tars(tmp_path / "d", 12, per_tar=12)
     (path,) = list_tars(str(tmp_path / "d"))
