@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -269,8 +270,8 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
     config, run twice, gives the same curve); losses drop; ranks agree."""
     out = tmp_path / "run"
 
-    def command(output):
-        cmd = [sys.executable, str(ROOT / "cli.py"), "pretrain", "--config", TINY, "--data", str(corpus)]
+    def command(output, data=corpus):
+        cmd = [sys.executable, str(ROOT / "cli.py"), "pretrain", "--config", TINY, "--data", str(data)]
         cmd += ["--output", str(output), "--tokenizer", str(tiny_vocab_dir), "--workers", "2", "--max-steps", "24"]
         return (
             cmd + ["--checkpoint-every", "8", "--set", "queue_size=16"] + [f"--set={k}={v}" for k, v in LEARN.items()]
@@ -305,9 +306,11 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
     assert [r["step"] for r in rows] == list(range(1, 25))  # each step once: redone steps replace the lost ones
     _assert_all_losses_drop(rows)
 
-    # the uninterrupted run of the same config: the same curve, step for step (CPU float noise at most)
-    ref = tmp_path / "uninterrupted"
-    r = subprocess.run(command(ref), cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    # the uninterrupted run of the same config, on a copy of the data in another folder (another clone or workdir):
+    # the same curve, step for step (CPU float noise at most)
+    ref, copy = tmp_path / "uninterrupted", tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(corpus, copy)
+    r = subprocess.run(command(ref, copy), cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     want = _losses(ref)
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in want] and want[-1]["epoch"] == 1
