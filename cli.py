@@ -499,12 +499,29 @@ def run(
 )
 @click.option("--workdir", default=None, help="where every step writes (overrides the config's workdir)")
 @click.option("--init", default=None, help="pretrained start of both pretraining arms (any checkpoint blip.load reads)")
+@click.option(
+    "--set",
+    "set_items",
+    multiple=True,
+    help="Any other setting: KEY=VALUE (YAML value), e.g. seed=1, noise=0.5, pretrain.epochs=5 (one key of a step's map).",
+)
+@click.option(
+    "--seeds",
+    default=None,
+    help="Comma-separated seeds, e.g. 0,1,2: one loop per seed in WORKDIR/seed_N, then the mean ± std table.",
+)
 @friendly_errors
-def bootstrap(config: str, workdir: str | None, init: str | None) -> None:
+def bootstrap(
+    config: str, workdir: str | None, init: str | None, set_items: tuple[str, ...], seeds: str | None
+) -> None:
     """BLIP's whole loop: pretrain -> fine-tune captioner + filter -> capfilt run -> pretrain again -> evaluate."""
     from pipelines.bootstrap import bootstrap as run_bootstrap
 
-    run_bootstrap(config, workdir, init)
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()] if seeds else None
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
+    run_bootstrap(config, workdir, init, set_items, seed_list)
 
 
 if __name__ == "__main__":

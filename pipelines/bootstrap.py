@@ -43,6 +43,9 @@ class BootstrapConfig:
     # a pretrained start for both pretraining arms (e.g. the official BLIP checkpoint; its own tokenizer is used);
     # None: from scratch with the synthetic world's tokenizer
     init: str | None = None
+    # the C+F pretraining takes as many optimizer steps as the noisy one: filtering drops images (no text kept), so
+    # equal epochs would give the C+F arm less training (the paper's two corpora hold about the same 14M images)
+    equal_steps: bool = True
     # run settings: a preset YAML per step + overrides
     pretrain_config: str = "pretrain_tiny.yaml"
     pretrain: dict[str, Any] = field(default_factory=dict)
@@ -133,15 +136,26 @@ class Bootstrap:
             out[name] = self.path("data", name)
         return out
 
-    def train(self, task: str, preset: str, overrides: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    def train(
+        self, task: str, preset: str, overrides: dict[str, Any], steps: int | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        """One training step of the loop; `steps`: exactly that many optimizer steps, the epochs following from the
+        data's size (the schedule still decays per epoch, as configured)."""
+        from pipelines.data import count_tar_samples, list_tars
         from pipelines.train import TrainSettings, train
 
-        s = TrainSettings.from_yaml(_preset(preset), **{**overrides, **kw, "task": task})
+        # the loop's seed seeds every training step too (init, data order, augmentations), unless a step sets its own
+        s = TrainSettings.from_yaml(_preset(preset), **{"seed": self.cfg.seed, **overrides, **kw, "task": task})
+        if steps:
+            per_epoch = max(1, count_tar_samples(list_tars(s.data)) // s.global_batch)
+            s.epochs, s.max_steps = -(-steps // per_epoch), steps
         summary = train(s)
         last = summary.get("last") or {}
         return {
             "output": s.output,
             "steps": summary.get("final_step"),
+            "epochs": s.epochs,
+            "samples": summary.get("samples_in_tars"),
             **{k: v for k, v in last.items() if "loss" in k},
         }
 
@@ -150,7 +164,7 @@ class Bootstrap:
 
         rc = load_config(
             _preset(self.cfg.capfilt_config),
-            **{**self.cfg.capfilt, "input": data["web"], "output": self.path("capfilt"), "captioner": captioner,
+            **{"seed": self.cfg.seed, **self.cfg.capfilt, "input": data["web"], "output": self.path("capfilt"), "captioner": captioner,
                "filter": filt},
         )  # fmt: skip
         summary = run_capfilt(rc)
@@ -225,8 +239,9 @@ class Bootstrap:
             output=self.path("filter")))  # fmt: skip
         run = self.step("capfilt", lambda: self.run_capfilt(data, cap0["output"], filt["output"]))
         boot_corpus = f"{self.path('capfilt', 'tars')},{data['clean']}"
+        steps = pre0["steps"] if c.equal_steps else None
         pre1 = self.step("pretrain_capfilt", lambda: self.train(
-            "pretrain", c.pretrain_config, pre_kw, data=boot_corpus, output=self.path("pretrain_capfilt")))  # fmt: skip
+            "pretrain", c.pretrain_config, pre_kw, steps, data=boot_corpus, output=self.path("pretrain_capfilt")))  # fmt: skip
         cap1 = self.step("finetune_captioner_capfilt", lambda: self.train(
             "caption", c.caption_config, c.finetune_caption, data=data["clean"], init=pre1["output"],
             output=self.path("captioner_capfilt")))  # fmt: skip
@@ -276,6 +291,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"{cap.get('bleu4', float('nan')):8.1f}{cap.get('cider', float('nan')):8.1f}"
             f"{cap.get('synth_attribute_accuracy', float('nan')):10.1f}"
         )
+    pre = report.get("pretrain") or {}
+    if pre:
+        lines.append(
+            "pretraining: "
+            + "; ".join(f"{k} {v.get('samples')} samples, {v.get('steps')} steps" for k, v in pre.items())
+        )
     f = report["filter"]
     lines.append(
         f"filter: drops noisy web texts with precision {f['drop_precision']:.2f}, recall {f['drop_recall']:.2f}; "
@@ -295,6 +316,70 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def bootstrap(config: str, workdir: str | None = None, init: str | None = None) -> dict[str, Any]:
-    cfg = BootstrapConfig.from_yaml(_preset(config), workdir=workdir, init=init)
-    return Bootstrap(cfg).run()
+# the table's columns: (report section, metric, header)
+COLUMNS = [("retrieval", "txt_r1", "TR@1"), ("retrieval", "txt_r5", "TR@5"), ("retrieval", "img_r1", "IR@1"),
+           ("retrieval", "img_r5", "IR@5"), ("caption", "bleu4", "BLEU-4"), ("caption", "cider", "CIDEr"),
+           ("caption", "synth_attribute_accuracy", "attr acc")]  # fmt: skip
+
+
+def aggregate_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per row and metric over seeds: mean, sample std (ddof 1), the values; and per metric the C+F - no bootstrap
+    difference (mean, std, and in how many seeds C+F was higher). Also the filter's ROC-AUC."""
+    import numpy as np
+
+    def stats(values: list[float]) -> dict[str, Any]:
+        v = np.asarray(values, dtype=np.float64)
+        return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": values}
+
+    rows: dict[str, Any] = {}
+    for row in ("no bootstrap", "C+F"):
+        rows[row] = {m: stats([r["rows"][row][sec][m] for r in reports.values()]) for sec, m, _ in COLUMNS}
+    diff = {}
+    for sec, m, _ in COLUMNS:
+        d = [r["rows"]["C+F"][sec][m] - r["rows"]["no bootstrap"][sec][m] for r in reports.values()]
+        diff[m] = {**stats(d), "cf_higher": sum(x > 0 for x in d)}
+    auc = stats([r["filter"]["web_itm_auc"]["all"] for r in reports.values()])
+    return {"seeds": sorted(reports), "rows": rows, "difference": diff, "filter_auc": auc}
+
+
+def format_seeds(agg: dict[str, Any]) -> str:
+    n = len(agg["seeds"])
+    lines = [f"mean ± std over {n} seeds ({', '.join(map(str, agg['seeds']))})"]
+    lines.append(f"{'pretraining corpus':<20}" + "".join(f"{h:>14}" for _, _, h in COLUMNS))
+    for name, row in [*agg["rows"].items(), ("C+F - no bootstrap", agg["difference"])]:
+        cells = "".join(f"{row[m]['mean']:8.1f} ±{row[m]['std']:4.1f}" for _, m, _ in COLUMNS)
+        lines.append(f"{name:<20}{cells}")
+    higher = [f"{agg['difference'][m]['cf_higher']}/{n}" for _, m, _ in COLUMNS]
+    lines.append(f"{'C+F higher in':<20}" + "".join(f"{h:>14}" for h in higher) + " seeds")
+    a = agg["filter_auc"]
+    lines.append(f"filter ROC-AUC, clean vs noisy web texts: {a['mean']:.3f} ± {a['std']:.3f}")
+    return "\n".join(lines)
+
+
+def bootstrap(
+    config: str,
+    workdir: str | None = None,
+    init: str | None = None,
+    set_items: tuple[str, ...] = (),
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
+    """One loop; or with `seeds`, one loop per seed in `workdir/seed_N` (data, initialisation, data order and
+    augmentations all follow the seed) and the mean ± std table, written to `workdir/bootstrap_seeds.json`."""
+    from pipelines.settings import parse_set
+
+    cfg = BootstrapConfig.from_yaml(_preset(config), **parse_set(set_items), workdir=workdir, init=init)
+    if not seeds:
+        return Bootstrap(cfg).run()
+    root, reports = Path(cfg.workdir), {}
+    for seed in seeds:
+        one = BootstrapConfig.from_yaml(
+            _preset(config), **parse_set(set_items), workdir=str(root / f"seed_{seed}"), init=init, seed=seed
+        )
+        print(f"=== seed {seed}: {one.workdir}")
+        reports[seed] = Bootstrap(one).run()
+    agg = aggregate_seeds(reports)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "bootstrap_seeds.json").write_text(json.dumps(agg, indent=2))
+    print(format_seeds(agg))
+    print(f"report: {root / 'bootstrap_seeds.json'}")
+    return agg

@@ -87,7 +87,16 @@ def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: 
     """`cls` from a YAML preset (a path or a name in configs/; None: defaults) + overrides; then
     `obj.resolve_paths()` and `obj.validate()` where the dataclass defines them."""
     data = read_yaml(path) if path is not None else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        head, _, sub = k.partition(".")
+        if sub:  # "pretrain.epochs": one key of a map setting, the rest of the map as configured
+            if not isinstance(data.get(head, {}), dict):
+                raise ValueError(f"{k}: {head!r} is not a map of settings")
+            data[head] = {**data.get(head, {}), sub: v}
+        else:
+            data[k] = v
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -102,3 +111,15 @@ def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: 
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
+
+
+def parse_set(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` items (VALUE read as YAML: numbers, lists, `{a: 1}` maps) -> overrides; a dash in KEY reads
+    as an underscore; `MAP.KEY=VALUE` sets one key of a map setting (load_settings merges it)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out

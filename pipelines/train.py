@@ -786,17 +786,11 @@ def train(s: TrainSettings) -> dict[str, Any]:
 
 def run_command(task: str, config: str | None, set_items: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
     """`capfilt pretrain` / `capfilt finetune`: preset YAML (default per task) + `--set key=value` + flags -> train."""
-    import yaml
+    from pipelines.settings import parse_set
 
     if config is None:
         config = "pretrain_base.yaml" if task == "pretrain" else f"finetune_{task}.yaml"  # a name in configs/
-    extra: dict[str, Any] = {}
-    for item in set_items:
-        if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        extra[k.strip().replace("-", "_")] = yaml.safe_load(v)
-    s = TrainSettings.from_yaml(config, **{**extra, **overrides, "task": task})
+    s = TrainSettings.from_yaml(config, **{**parse_set(set_items), **overrides, "task": task})
     if task != "pretrain" and not (s.init or s.resume):
         raise ValueError("fine-tuning needs --init CKPT (a pretrain, caption or retrieval checkpoint)")
     summary = train(s)

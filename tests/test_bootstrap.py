@@ -77,8 +77,14 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     f = report["filter"]
     assert f["noisy_web_texts"] == len(noisy & set(ok["key"]))
     assert f["drop_recall"] == pytest.approx(len(dropped & noisy) / max(1, len(noisy)))
-    # the second pretraining read the kept tars + the clean set and its model exists
+    # the second pretraining read the kept tars + the clean set and its model exists; it took as many optimizer steps
+    # as the first (equal_steps), over as many epochs of its own (smaller) corpus as that needs
     assert (work / "pretrain_capfilt" / "model.safetensors").is_file()
+    pre = report["pretrain"]
+    assert pre["C+F"]["steps"] == pre["no bootstrap"]["steps"] == 8
+    assert pre["C+F"]["samples"] == int(ok["kept"].sum()) + 64  # kept web samples + the clean set
+    assert pre["C+F"]["epochs"] == -(-8 // (pre["C+F"]["samples"] // 16))
+    assert "pretraining: no bootstrap 224 samples, 8 steps; C+F" in p.stdout
 
     t0 = time.time()
     again = _bootstrap(clone)
@@ -126,3 +132,57 @@ def test_bootstrap_init_starts_both_arms_from_the_checkpoint(tmp_path, tiny_voca
     assert len(tok) == len(ckpt.tokenizer)
     for k, v in ckpt.state_dict().items():  # the arm starts from the checkpoint's weights
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_bootstrap_set_overrides_one_key_of_a_step(tmp_path):
+    """`capfilt bootstrap --set seed=1 --set pretrain.epochs=3`: top-level settings replaced, a step's map merged."""
+    from pipelines.bootstrap import BootstrapConfig
+    from pipelines.settings import parse_set, read_yaml
+
+    demo = read_yaml(ROOT / "configs" / "bootstrap_demo.yaml")
+    items = ["seed=1", "noise=0.5", "pretrain.epochs=3", "eval.k-test=4", f"workdir={tmp_path}"]
+    cfg = BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(items))
+    assert (cfg.seed, cfg.noise, cfg.workdir) == (1, 0.5, str(tmp_path))
+    assert cfg.pretrain == {**demo["pretrain"], "epochs": 3} and cfg.eval == {**demo["eval"], "k_test": 4}
+    with pytest.raises(ValueError, match="'seed' is not a map"):
+        BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(["seed.x=1"]))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_set(["seed"])
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "cli.py"), "bootstrap", "--set", "nosuch=1", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error:") and "nosuch" in r.stderr
+
+
+def test_aggregate_seeds_mean_std_and_direction():
+    import numpy as np
+
+    from pipelines.bootstrap import COLUMNS, aggregate_seeds, format_seeds
+
+    rng = np.random.default_rng(0)
+
+    def row():
+        return {
+            sec: {m: float(rng.uniform(0, 100)) for s, m, _ in COLUMNS if s == sec} for sec in ("retrieval", "caption")
+        }
+
+    def report():
+        auc = {"web_itm_auc": {"all": float(rng.random())}}
+        return {"rows": {"no bootstrap": row(), "C+F": row()}, "filter": auc}
+
+    reports = {s: report() for s in (3, 1, 2)}
+    agg = aggregate_seeds(reports)
+    assert agg["seeds"] == [1, 2, 3]
+    for sec, m, _ in COLUMNS:
+        cf = [reports[s]["rows"]["C+F"][sec][m] for s in (3, 1, 2)]
+        base = [reports[s]["rows"]["no bootstrap"][sec][m] for s in (3, 1, 2)]
+        assert agg["rows"]["C+F"][m]["mean"] == pytest.approx(np.mean(cf))
+        assert agg["rows"]["C+F"][m]["std"] == pytest.approx(np.std(cf, ddof=1))
+        d = np.subtract(cf, base)
+        assert (
+            agg["difference"][m]["mean"] == pytest.approx(d.mean())
+            and agg["difference"][m]["cf_higher"] == (d > 0).sum()
+        )
+    text = format_seeds(agg)
+    assert "3 seeds (1, 2, 3)" in text and "C+F - no bootstrap" in text and "filter ROC-AUC" in text
