@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from capfilt.synth import read_truth
+from capfilt.synth import caption_accuracy, read_truth
 
 STEPS = ["data", "pretrain_noisy", "finetune_captioner", "finetune_filter", "capfilt", "pretrain_capfilt",
          "finetune_captioner_capfilt", "eval_noisy", "eval_capfilt", "filter_quality"]  # fmt: skip
@@ -77,6 +77,15 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     f = report["filter"]
     assert f["noisy_web_texts"] == len(noisy & set(ok["key"]))
     assert f["drop_recall"] == pytest.approx(len(dropped & noisy) / max(1, len(noisy)))
+    # the attribute accuracy of the web texts the filter kept, recomputed from the parquet and the truth
+    kept_acc = [caption_accuracy(t, truth[k]["objects"]) for k, t in zip(ok["key"], ok["caption"]) if k not in dropped]
+    ta = f["text_accuracy"]
+    assert ta["web_kept"]["n"] == len(kept_acc) and ta["web"]["n"] == len(ok)
+    if kept_acc:
+        assert ta["web_kept"]["accuracy"] == pytest.approx(100 * sum(kept_acc) / len(kept_acc))
+    else:  # the CI config's short filter may keep no web text
+        assert ta["web_kept"]["accuracy"] is None
+    assert ta["synthetic"]["n"] == int(ok["synthetic_captions"].map(len).sum())
     # the second pretraining read the kept tars + the clean set and its model exists; it took as many optimizer steps
     # as the first (equal_steps), over as many epochs of its own (smaller) corpus as that needs
     assert (work / "pretrain_capfilt" / "model.safetensors").is_file()
@@ -85,6 +94,14 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert pre["C+F"]["samples"] == int(ok["kept"].sum()) + 64  # kept web samples + the clean set
     assert pre["C+F"]["epochs"] == -(-8 // (pre["C+F"]["samples"] // 16))
     assert "pretraining: no bootstrap 224 samples, 8 steps; C+F" in p.stdout
+
+    # the same step on web shards without the synthetic world's ground truth (your own data): counts only
+    from pipelines.bootstrap import Bootstrap, BootstrapConfig, format_report
+
+    own = Bootstrap(BootstrapConfig(workdir=str(work))).filter_quality({"web": str(tmp_path / "no_truth_here")})
+    assert own["ground_truth"] is False and "drop_recall" not in own and own["web_texts"] == len(ok)
+    assert own["samples_kept"] == pytest.approx(ok["kept"].mean()) and f["ground_truth"] is True
+    assert "filter: keeps" in format_report({**report, "filter": own})
 
     t0 = time.time()
     again = _bootstrap(clone)
