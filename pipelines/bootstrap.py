@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,12 +214,12 @@ class Bootstrap:
         if not len(ok) or not set(ok["key"]) <= set(truth):
             return {**out, "ground_truth": False}
 
-        noisy = ok["key"].map(lambda k: truth[k]["noise_kind"] != "none")
+        kind = ok["key"].map(lambda k: truth[k]["noise_kind"])
+        noisy = kind != "none"
         dropped = ~web_kept
         tp = int((dropped & noisy).sum())
-        kind = ok["key"].map(lambda k: truth[k]["noise_kind"])
         score = ok["web_itm"].fillna(-1.0).to_numpy()
-        clean = (kind == "none").to_numpy()
+        clean = (~noisy).to_numpy()
         auc = {"all": roc_auc(score[clean], score[~clean])}
         for k in NOISE_KINDS:  # how well ITM tells clean web texts from each kind of noise
             auc[k] = roc_auc(score[clean], score[(kind == k).to_numpy()])
@@ -312,18 +312,24 @@ def roc_auc(positive: Any, negative: Any) -> float | None:
     return float(u / (len(pos) * len(neg)))
 
 
+# the table's columns: (report section, metric, header, width in format_report)
+COLUMNS = [("retrieval", "txt_r1", "TR@1", 7), ("retrieval", "txt_r5", "TR@5", 7), ("retrieval", "img_r1", "IR@1", 7),
+           ("retrieval", "img_r5", "IR@5", 7), ("caption", "bleu4", "BLEU-4", 8), ("caption", "cider", "CIDEr", 8),
+           ("caption", "synth_attribute_accuracy", "attr acc", 10)]  # fmt: skip
+
+
+def _metric(row: dict[str, Any], sec: str, m: str) -> float:
+    """One metric of a table row; nan when not measured (no ground truth for attribute accuracy)."""
+    v = row[sec].get(m)
+    return float("nan") if v is None else float(v)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The paper's Table 1 shape: one row per pretraining corpus."""
-    lines = [
-        f"{'pretraining corpus':<20}{'TR@1':>7}{'TR@5':>7}{'IR@1':>7}{'IR@5':>7}{'BLEU-4':>8}{'CIDEr':>8}{'attr acc':>10}",
-    ]
+    lines = [f"{'pretraining corpus':<20}" + "".join(f"{h:>{w}}" for _, _, h, w in COLUMNS)]
     for name, row in report["rows"].items():
-        r, cap = row["retrieval"], row["caption"]
-        lines.append(
-            f"{name:<20}{r['txt_r1']:7.1f}{r['txt_r5']:7.1f}{r['img_r1']:7.1f}{r['img_r5']:7.1f}"
-            f"{cap.get('bleu4', float('nan')):8.1f}{cap.get('cider', float('nan')):8.1f}"
-            f"{cap.get('synth_attribute_accuracy', float('nan')):10.1f}"
-        )
+        cells = "".join(f"{_metric(row, sec, m):{w}.1f}" for sec, m, _, w in COLUMNS)
+        lines.append(f"{name:<20}{cells}")
     pre = report.get("pretrain") or {}
     if pre:
         lines.append(
@@ -365,12 +371,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# the table's columns: (report section, metric, header)
-COLUMNS = [("retrieval", "txt_r1", "TR@1"), ("retrieval", "txt_r5", "TR@5"), ("retrieval", "img_r1", "IR@1"),
-           ("retrieval", "img_r5", "IR@5"), ("caption", "bleu4", "BLEU-4"), ("caption", "cider", "CIDEr"),
-           ("caption", "synth_attribute_accuracy", "attr acc")]  # fmt: skip
-
-
 def aggregate_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Per row and metric over seeds: mean, sample std (ddof 1), the values; and per metric the C+F - no bootstrap
     difference (mean, std, and in how many seeds C+F was higher). Also the filter's ROC-AUC."""
@@ -380,16 +380,12 @@ def aggregate_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
         v = np.asarray(values, dtype=np.float64)
         return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": values}
 
-    def value(r: dict[str, Any], row: str, sec: str, m: str) -> float:  # nan: not measured (no ground truth)
-        v = r["rows"][row][sec].get(m)
-        return float("nan") if v is None else float(v)
-
     rows: dict[str, Any] = {}
     for row in ("no bootstrap", "C+F"):
-        rows[row] = {m: stats([value(r, row, sec, m) for r in reports.values()]) for sec, m, _ in COLUMNS}
+        rows[row] = {m: stats([_metric(r["rows"][row], sec, m) for r in reports.values()]) for sec, m, _, _ in COLUMNS}
     diff = {}
-    for sec, m, _ in COLUMNS:
-        d = [value(r, "C+F", sec, m) - value(r, "no bootstrap", sec, m) for r in reports.values()]
+    for sec, m, _, _ in COLUMNS:
+        d = [_metric(r["rows"]["C+F"], sec, m) - _metric(r["rows"]["no bootstrap"], sec, m) for r in reports.values()]
         diff[m] = {**stats(d), "cf_higher": sum(x > 0 for x in d)}
     aucs = [(r["filter"].get("web_itm_auc") or {}).get("all") for r in reports.values()]
     auc = stats([float("nan") if a is None else a for a in aucs])
@@ -399,11 +395,11 @@ def aggregate_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
 def format_seeds(agg: dict[str, Any]) -> str:
     n = len(agg["seeds"])
     lines = [f"mean ± std over {n} seeds ({', '.join(map(str, agg['seeds']))})"]
-    lines.append(f"{'pretraining corpus':<20}" + "".join(f"{h:>14}" for _, _, h in COLUMNS))
+    lines.append(f"{'pretraining corpus':<20}" + "".join(f"{h:>14}" for _, _, h, _ in COLUMNS))
     for name, row in [*agg["rows"].items(), ("C+F - no bootstrap", agg["difference"])]:
-        cells = "".join(f"{row[m]['mean']:8.1f} ±{row[m]['std']:4.1f}" for _, m, _ in COLUMNS)
+        cells = "".join(f"{row[m]['mean']:8.1f} ±{row[m]['std']:4.1f}" for _, m, _, _ in COLUMNS)
         lines.append(f"{name:<20}{cells}")
-    higher = [f"{agg['difference'][m]['cf_higher']}/{n}" for _, m, _ in COLUMNS]
+    higher = [f"{agg['difference'][m]['cf_higher']}/{n}" for _, m, _, _ in COLUMNS]
     lines.append(f"{'C+F higher in':<20}" + "".join(f"{h:>14}" for h in higher) + " seeds")
     a = agg["filter_auc"]
     lines.append(f"filter ROC-AUC, clean vs noisy web texts: {a['mean']:.3f} ± {a['std']:.3f}")
@@ -426,9 +422,7 @@ def bootstrap(
         return Bootstrap(cfg).run()
     root, reports = Path(cfg.workdir), {}
     for seed in seeds:
-        one = BootstrapConfig.from_yaml(
-            _preset(config), **parse_set(set_items), workdir=str(root / f"seed_{seed}"), init=init, seed=seed
-        )
+        one = replace(cfg, seed=seed, workdir=str(root / f"seed_{seed}"))
         print(f"=== seed {seed}: {one.workdir}")
         reports[seed] = Bootstrap(one).run()
     agg = aggregate_seeds(reports)

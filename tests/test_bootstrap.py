@@ -38,13 +38,13 @@ def _clone(dst: Path) -> Path:
     return dst
 
 
-def _bootstrap(clone: Path) -> subprocess.CompletedProcess:
+def _bootstrap(clone: Path, *extra: str) -> subprocess.CompletedProcess:
     """The README's command, from the clone's root; the clone's code first on the path (not the editable install)."""
     exe = Path(sys.executable).parent / "capfilt"
     cli = [str(exe)] if exe.is_file() else [sys.executable, "-c", "import cli; cli.main()"]
     env = {**os.environ, "PYTHONPATH": str(clone)}
     return subprocess.run(
-        cli + ["bootstrap", "--config", "configs/bootstrap_ci.yaml"],
+        cli + ["bootstrap", "--config", "configs/bootstrap_ci.yaml", *extra],
         capture_output=True, text=True, timeout=1200, cwd=clone, env=env,
     )  # fmt: skip
 
@@ -108,6 +108,17 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("done before, skipped") == len(STEPS)
     assert time.time() - t0 < 120
+
+    # --seeds: one loop per seed in WORKDIR/seed_N, then the table over seeds. Seed 0's loop is this one (copied, so
+    # every step is skipped); the table and bootstrap_seeds.json must carry its numbers.
+    shutil.copytree(work, clone / "runs" / "seeds" / "seed_0")
+    seeds = _bootstrap(clone, "--seeds", "0", "--workdir", "runs/seeds")
+    assert seeds.returncode == 0, seeds.stdout[-3000:] + seeds.stderr[-3000:]
+    assert seeds.stdout.count("done before, skipped") == len(STEPS) and "mean ± std over 1 seeds (0)" in seeds.stdout
+    agg = json.loads((clone / "runs" / "seeds" / "bootstrap_seeds.json").read_text())
+    assert agg["seeds"] == [0] and agg["rows"]["C+F"]["txt_r1"]["values"] == [
+        report["rows"]["C+F"]["retrieval"]["txt_r1"]
+    ]
 
 
 def test_roc_auc_matches_brute_force():
@@ -181,7 +192,8 @@ def test_aggregate_seeds_mean_std_and_direction():
 
     def row():
         return {
-            sec: {m: float(rng.uniform(0, 100)) for s, m, _ in COLUMNS if s == sec} for sec in ("retrieval", "caption")
+            sec: {m: float(rng.uniform(0, 100)) for s, m, _, _ in COLUMNS if s == sec}
+            for sec in ("retrieval", "caption")
         }
 
     def report():
@@ -191,7 +203,7 @@ def test_aggregate_seeds_mean_std_and_direction():
     reports = {s: report() for s in (3, 1, 2)}
     agg = aggregate_seeds(reports)
     assert agg["seeds"] == [1, 2, 3]
-    for sec, m, _ in COLUMNS:
+    for sec, m, _, _ in COLUMNS:
         cf = [reports[s]["rows"]["C+F"][sec][m] for s in (3, 1, 2)]
         base = [reports[s]["rows"]["no bootstrap"][sec][m] for s in (3, 1, 2)]
         assert agg["rows"]["C+F"][m]["mean"] == pytest.approx(np.mean(cf))
