@@ -77,7 +77,10 @@ def config_path(name: str | os.PathLike[str]) -> Path:
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     p = config_path(path)
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:  # a typo in a config is the user's to fix: one line, not a traceback
+        raise ValueError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{p}: expected a mapping of settings, got {type(data).__name__}")
     return data
