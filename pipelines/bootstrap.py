@@ -5,14 +5,17 @@
 3. `capfilt run` over the web corpus with that captioner and filter;
 4. pretrain a new model from the same start on the bootstrapped corpus (kept web texts + kept synthetic captions +
    clean set), for as many optimizer steps as step 1 took (`equal_steps`);
-5. evaluate both pretrained models on a held-out clean test set: zero-shot retrieval, and captioning after the same
-   fine-tuning on the clean set (BLEU-4, CIDEr, attribute accuracy against the synthetic world's ground truth); and
-   the filter itself: precision/recall of dropping the injected noisy web texts, the share of synthetic captions kept,
-   and how right the texts each corpus trains on are (attribute accuracy of web and synthetic texts, before and after
-   the filter).
+5. evaluate every pretrained model as the paper's Table 1 does (Retrieval-FT, Caption-FT): a retrieval model and a
+   captioner fine-tuned from it on the clean set (the filter's and the captioner's recipes; the noisy arm's are the
+   loop's own filter and captioner), scored on a held-out clean test set: R@K with ITM re-rank, BLEU-4, CIDEr,
+   attribute accuracy against the synthetic world's ground truth; and the filter itself: precision/recall of
+   dropping the injected noisy web texts, ROC-AUC per noise kind, the share of synthetic captions kept, and how right
+   the texts each corpus trains on are (attribute accuracy of web and synthetic texts, before and after the filter).
 
-Every step writes into `workdir/<step>` and a marker `workdir/_done/<step>.json` when it finished; a rerun skips
-finished steps. The table (the paper's Table 1 rows: no bootstrap, C+F) goes to `workdir/bootstrap_report.json`.
+Every step writes into `workdir/<step>` and a marker `workdir/_done/<step>.json` when it finished (paths in it
+relative to the workdir, so a moved or copied workdir reruns on its own files); a rerun skips finished steps. The
+table (the paper's Table 1 rows: no bootstrap, C+F, and with `filter_only` also F) goes to
+`workdir/bootstrap_report.json`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +53,13 @@ class BootstrapConfig:
     # the C+F pretraining takes as many optimizer steps as the noisy one: filtering drops images (no text kept), so
     # equal epochs would give the C+F arm less training (the paper's two corpora hold about the same 14M images)
     equal_steps: bool = True
+    # also the paper's Table 1 "F" row: pretrain on the filtered web texts alone (no synthetic captions), which tells
+    # what the filter buys from what the captioner adds; one more capfilt run (ITM only), pretraining and evaluation
+    filter_only: bool = False
+    # how each pretrained model's retrieval is measured: "finetuned" = the paper's Table 1 (Retrieval-FT: a retrieval
+    # model fine-tuned from it on the clean set by the filter's recipe, one more fine-tuning per arm), "zero_shot" = the
+    # pretrained model itself (its ITC + ITM; cheaper)
+    retrieval_eval: str = "finetuned"
     # run settings: a preset YAML per step + overrides
     pretrain_config: str = "pretrain_tiny.yaml"
     pretrain: dict[str, Any] = field(default_factory=dict)
@@ -69,6 +80,8 @@ class BootstrapConfig:
     def validate(self) -> None:
         if self.vocab not in ("small", "bert"):
             raise ValueError(f"vocab must be 'small' or 'bert', got {self.vocab!r}")
+        if self.retrieval_eval not in ("finetuned", "zero_shot"):
+            raise ValueError(f"retrieval_eval must be 'finetuned' or 'zero_shot', got {self.retrieval_eval!r}")
 
     def resolve_paths(self) -> BootstrapConfig:
         """Relative paths (relative to the working directory, as on the command line) -> absolute, before any step
@@ -101,14 +114,16 @@ class Bootstrap:
     # -- step bookkeeping: a finished step leaves a marker with its result; reruns skip it
     def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         marker = self.dir / "_done" / f"{name}.json"
+        # paths inside the workdir are stored relative to it, so a moved or copied workdir reruns on its own files
+        here = json.dumps(str(self.dir) + "/")[1:-1]
         if marker.is_file():
             self.echo(f"== {name}: done before, skipped")
-            return json.loads(marker.read_text())
+            return json.loads(marker.read_text().replace('"{workdir}/', f'"{here}'))
         self.echo(f"== {name}")
         t0 = time.time()
         result = fn()
         result["seconds"] = round(time.time() - t0, 1)
-        marker.write_text(json.dumps(result, indent=2, default=str))
+        marker.write_text(json.dumps(result, indent=2, default=str).replace(f'"{here}', '"{workdir}/'))
         self.echo(f"== {name}: {result['seconds']:.0f} s")
         return result
 
@@ -162,13 +177,15 @@ class Bootstrap:
             **{k: v for k, v in last.items() if "loss" in k},
         }
 
-    def run_capfilt(self, data: dict[str, Any], captioner: str, filt: str) -> dict[str, Any]:
+    def run_capfilt(
+        self, data: dict[str, Any], captioner: str, filt: str, output: str = "capfilt", **kw: Any
+    ) -> dict[str, Any]:
         from pipelines.run import load_config, run_capfilt
 
         rc = load_config(
             _preset(self.cfg.capfilt_config),
-            **{"seed": self.cfg.seed, **self.cfg.capfilt, "input": data["web"], "output": self.path("capfilt"), "captioner": captioner,
-               "filter": filt},
+            **{"seed": self.cfg.seed, **self.cfg.capfilt, **kw, "input": data["web"], "output": self.path(output),
+               "captioner": captioner, "filter": filt},
         )  # fmt: skip
         summary = run_capfilt(rc)
         if summary.get("failed_shards"):
@@ -176,11 +193,11 @@ class Bootstrap:
         shards = {k: summary[k] for k in ("shards", "shards_done", "shards_skipped")}
         return {"output": rc.output, "threshold": rc.threshold, "samples": summary["counts"], "shards": shards}
 
-    def evaluate(self, pretrained: str, captioner: str, test: str, name: str) -> dict[str, Any]:
+    def evaluate(self, retrieval: str, captioner: str, test: str, name: str) -> dict[str, Any]:
         from pipelines.evaluate import evaluate
 
         e = self.cfg.eval
-        ret = evaluate("retrieval", pretrained, test, self.path("eval", name), k_test=e.get("k_test", 16),
+        ret = evaluate("retrieval", retrieval, test, self.path("eval", name), k_test=e.get("k_test", 16),
                        batch_size=e.get("batch_size", 32))  # fmt: skip
         cap = evaluate("caption", captioner, test, self.path("eval", name), batch_size=e.get("batch_size", 32),
                        num_beams=e.get("num_beams", 3), max_length=e.get("max_length", 20),
@@ -251,43 +268,63 @@ class Bootstrap:
         }
 
     def pretrain_overrides(self, tokenizer: str) -> dict[str, Any]:
-        """Both pretraining arms start from the same point: `init` (with its own tokenizer), or from scratch with the
+        """Every pretraining arm starts from the same point: `init` (with its own tokenizer), or from scratch with the
         synthetic world's tokenizer."""
         c = self.cfg
         return {**c.pretrain, "init": c.init} if c.init else {**c.pretrain, "tokenizer": tokenizer}
 
+    def arm(
+        self, name: str, corpus: str, data: dict[str, Any], steps: int | None = None, **names: str
+    ) -> dict[str, Any]:
+        """One row of the table: pretrain on `corpus`, then fine-tune a captioner (and with `retrieval_eval:
+        finetuned` a retrieval model) from it on the clean set by the loop's captioner and filter recipes, as the
+        paper's Table 1 evaluates each pretrained model after fine-tuning on COCO (Caption-FT, Retrieval-FT)."""
+        c, clean = self.cfg, data["clean"]
+        steps_of = {"pretrain": f"pretrain_{name}", "caption": f"finetune_captioner_{name}",
+                    "retrieval": f"finetune_retrieval_{name}", **names}  # fmt: skip
+        dirs = {k: v.removeprefix("finetune_") for k, v in steps_of.items()}
+        pre = self.step(steps_of["pretrain"], lambda: self.train(
+            "pretrain", c.pretrain_config, self.pretrain_overrides(data["tokenizer"]), steps, data=corpus,
+            output=self.path(dirs["pretrain"])))  # fmt: skip
+        cap = self.step(steps_of["caption"], lambda: self.train(
+            "caption", c.caption_config, c.finetune_caption, data=clean, init=pre["output"],
+            output=self.path(dirs["caption"])))  # fmt: skip
+        out = {"pretrain": pre, "captioner": cap}
+        if c.retrieval_eval == "finetuned" or "retrieval" in names:  # the noisy arm's is the filter: always made
+            out["retrieval"] = self.step(steps_of["retrieval"], lambda: self.train(
+                "retrieval", c.retrieval_config, c.finetune_retrieval, data=clean, init=pre["output"],
+                output=self.path(dirs["retrieval"])))  # fmt: skip
+        return out
+
     def run(self) -> dict[str, Any]:
         c = self.cfg
         data = self.step("data", self.data)
-        tok = data["tokenizer"]
-        noisy_corpus = f"{data['web']},{data['clean']}"
-        pre_kw = self.pretrain_overrides(tok)
-        pre0 = self.step("pretrain_noisy", lambda: self.train(
-            "pretrain", c.pretrain_config, pre_kw, data=noisy_corpus, output=self.path("pretrain_noisy")))  # fmt: skip
-        cap0 = self.step("finetune_captioner", lambda: self.train(
-            "caption", c.caption_config, c.finetune_caption, data=data["clean"], init=pre0["output"],
-            output=self.path("captioner")))  # fmt: skip
-        filt = self.step("finetune_filter", lambda: self.train(
-            "retrieval", c.retrieval_config, c.finetune_retrieval, data=data["clean"], init=pre0["output"],
-            output=self.path("filter")))  # fmt: skip
-        run = self.step("capfilt", lambda: self.run_capfilt(data, cap0["output"], filt["output"]))
-        boot_corpus = f"{self.path('capfilt', 'tars')},{data['clean']}"
-        steps = pre0["steps"] if c.equal_steps else None
-        pre1 = self.step("pretrain_capfilt", lambda: self.train(
-            "pretrain", c.pretrain_config, pre_kw, steps, data=boot_corpus, output=self.path("pretrain_capfilt")))  # fmt: skip
-        cap1 = self.step("finetune_captioner_capfilt", lambda: self.train(
-            "caption", c.caption_config, c.finetune_caption, data=data["clean"], init=pre1["output"],
-            output=self.path("captioner_capfilt")))  # fmt: skip
-        ev0 = self.step("eval_noisy", lambda: self.evaluate(pre0["output"], cap0["output"], data["test"], "noisy"))
-        ev1 = self.step("eval_capfilt", lambda: self.evaluate(pre1["output"], cap1["output"], data["test"], "capfilt"))
+        # the noisy arm's captioner and retrieval model are the loop's captioner and filter (paper: both fine-tuned
+        # on COCO from the model pretrained on the noisy web corpus)
+        noisy = self.arm("noisy", f"{data['web']},{data['clean']}", data, caption="finetune_captioner",
+                         retrieval="finetune_filter")  # fmt: skip
+        cap0, filt = noisy["captioner"]["output"], noisy["retrieval"]["output"]
+        run = self.step("capfilt", lambda: self.run_capfilt(data, cap0, filt))
+        steps = noisy["pretrain"]["steps"] if c.equal_steps else None
+        arms = {"no bootstrap": noisy}
+        if c.filter_only:  # the same filter over the same web corpus, without the captioner's captions
+            self.step("capfilt_filter_only", lambda: self.run_capfilt(
+                data, cap0, filt, "capfilt_filter_only", num_captions=0))  # fmt: skip
+            arms["F"] = self.arm(
+                "filter_only", f"{self.path('capfilt_filter_only', 'tars')},{data['clean']}", data, steps
+            )
+        arms["C+F"] = self.arm("capfilt", f"{self.path('capfilt', 'tars')},{data['clean']}", data, steps)
+        evals = {"no bootstrap": "noisy", "F": "filter_only", "C+F": "capfilt"}
+        rows, ft = {}, c.retrieval_eval == "finetuned"
+        for row, a in arms.items():
+            ret, cap, name = a["retrieval" if ft else "pretrain"]["output"], a["captioner"]["output"], evals[row]
+            # one marker per protocol, so switching `retrieval_eval` in a workdir never reuses the other's numbers
+            rows[row] = self.step(
+                ("eval_ft_" if ft else "eval_") + name, partial(self.evaluate, ret, cap, data["test"], name)
+            )
         fq = self.step("filter_quality", lambda: self.filter_quality(data))
-        report = {
-            "config": asdict(c),
-            "rows": {"no bootstrap": ev0, "C+F": ev1},
-            "filter": fq,
-            "capfilt_run": run,
-            "pretrain": {"no bootstrap": pre0, "C+F": pre1},
-        }
+        pre = {row: a["pretrain"] for row, a in arms.items()}
+        report = {"config": asdict(c), "rows": rows, "filter": fq, "capfilt_run": run, "pretrain": pre}
         (self.dir / "bootstrap_report.json").write_text(json.dumps(report, indent=2, default=str))
         self.echo(format_report(report))
         self.echo(f"report: {self.dir / 'bootstrap_report.json'}")
@@ -381,7 +418,8 @@ def aggregate_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
         return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "values": values}
 
     rows: dict[str, Any] = {}
-    for row in ("no bootstrap", "C+F"):
+    names = [n for n in next(iter(reports.values()))["rows"] if all(n in r["rows"] for r in reports.values())]
+    for row in names:
         rows[row] = {m: stats([_metric(r["rows"][row], sec, m) for r in reports.values()]) for sec, m, _, _ in COLUMNS}
     diff = {}
     for sec, m, _, _ in COLUMNS:

@@ -19,7 +19,10 @@ import pytest
 from capfilt.synth import caption_accuracy, read_truth
 
 STEPS = ["data", "pretrain_noisy", "finetune_captioner", "finetune_filter", "capfilt", "pretrain_capfilt",
-         "finetune_captioner_capfilt", "eval_noisy", "eval_capfilt", "filter_quality"]  # fmt: skip
+         "finetune_captioner_capfilt", "finetune_retrieval_capfilt", "eval_ft_noisy", "eval_ft_capfilt",
+         "filter_quality"]  # fmt: skip
+F_STEPS = ["capfilt_filter_only", "pretrain_filter_only", "finetune_captioner_filter_only",
+           "finetune_retrieval_filter_only", "eval_ft_filter_only"]  # fmt: skip
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +68,12 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
         assert 0 <= r["retrieval"]["txt_r1"] <= r["retrieval"]["txt_r5"] <= 100
         assert {"bleu4", "cider", "synth_attribute_accuracy"} <= set(r["caption"])
     assert all((work / "_done" / f"{s}.json").is_file() for s in STEPS)
+    # each row is measured after fine-tuning its pretrained model on the clean set (the paper's Table 1, FT): the
+    # noisy arm's retrieval model is the loop's filter, the C+F arm's is fine-tuned by the same recipe
+    evaluated = {r: json.loads((work / "eval" / n / "eval_retrieval.json").read_text())["model"]
+                 for r, n in (("no bootstrap", "noisy"), ("C+F", "capfilt"))}  # fmt: skip
+    assert evaluated == {"no bootstrap": str(work / "filter"), "C+F": str(work / "retrieval_capfilt")}
+    assert json.loads((work / "retrieval_capfilt" / "config.json").read_text())["family"] == "retrieval"
 
     # every web sample went through capfilt exactly once; the filter numbers agree with an independent count
     df = pd.read_parquet(work / "capfilt" / "parquet")
@@ -109,109 +118,39 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert again.stdout.count("done before, skipped") == len(STEPS)
     assert time.time() - t0 < 120
 
+    # the "F" row: the same filter over the same web corpus without captions; only its own four steps run
+    f_only = _bootstrap(clone, "--set", "filter_only=true")
+    assert f_only.returncode == 0, f_only.stdout[-3000:] + f_only.stderr[-3000:]
+    assert f_only.stdout.count("done before, skipped") == len(STEPS)
+    assert all((work / "_done" / f"{s}.json").is_file() for s in F_STEPS)
+    report_f = json.loads((work / "bootstrap_report.json").read_text())
+    assert list(report_f["rows"]) == ["no bootstrap", "F", "C+F"] and report_f["rows"]["C+F"] == report["rows"]["C+F"]
+    df_f = pd.read_parquet(work / "capfilt_filter_only" / "parquet").set_index("key")
+    assert sorted(df_f.index) == sorted(truth) and (df_f["synthetic_captions"].map(len) == 0).all()
+    web_itm = ok.set_index("key")["web_itm"].dropna()
+    assert df_f.loc[web_itm.index, "web_itm"].to_numpy() == pytest.approx(web_itm.to_numpy(), abs=1e-4)
+    assert report_f["pretrain"]["F"]["steps"] == 8
+    assert report_f["pretrain"]["F"]["samples"] == int(df_f["kept"].sum()) + 64
+    assert "\nF " in f_only.stdout
+
     # --seeds: one loop per seed in WORKDIR/seed_N, then the table over seeds. Seed 0's loop is this one (copied, so
-    # every step is skipped); the table and bootstrap_seeds.json must carry its numbers.
-    shutil.copytree(work, clone / "runs" / "seeds" / "seed_0")
-    seeds = _bootstrap(clone, "--seeds", "0", "--workdir", "runs/seeds")
+    # every training step is skipped), measured this time with zero-shot retrieval (the pretrained models themselves,
+    # as the demo config does): only the two evaluations run; the table and bootstrap_seeds.json carry their numbers.
+    seed0 = clone / "runs" / "seeds" / "seed_0"
+    shutil.copytree(work, seed0)
+    zs = ["--set", "retrieval_eval=zero_shot"]
+    seeds = _bootstrap(clone, "--seeds", "0", "--workdir", "runs/seeds", *zs)
     assert seeds.returncode == 0, seeds.stdout[-3000:] + seeds.stderr[-3000:]
-    assert seeds.stdout.count("done before, skipped") == len(STEPS) and "mean ± std over 1 seeds (0)" in seeds.stdout
+    assert (
+        seeds.stdout.count("done before, skipped") == len(STEPS) - 3 and "mean ± std over 1 seeds (0)" in seeds.stdout
+    )
+    assert "== eval_noisy\n" in seeds.stdout and "== finetune_retrieval_capfilt" not in seeds.stdout
+    evaluated = {r: json.loads((seed0 / "eval" / n / "eval_retrieval.json").read_text())["model"]
+                 for r, n in (("no bootstrap", "noisy"), ("C+F", "capfilt"))}  # fmt: skip
+    assert evaluated == {"no bootstrap": str(seed0 / "pretrain_noisy"), "C+F": str(seed0 / "pretrain_capfilt")}
+    report0 = json.loads((seed0 / "bootstrap_report.json").read_text())
+    assert report0["rows"]["C+F"]["caption"] == report["rows"]["C+F"]["caption"]  # the same captioner, re-evaluated
     agg = json.loads((clone / "runs" / "seeds" / "bootstrap_seeds.json").read_text())
     assert agg["seeds"] == [0] and agg["rows"]["C+F"]["txt_r1"]["values"] == [
-        report["rows"]["C+F"]["retrieval"]["txt_r1"]
+        report0["rows"]["C+F"]["retrieval"]["txt_r1"]
     ]
-
-
-def test_roc_auc_matches_brute_force():
-    import numpy as np
-
-    from pipelines.bootstrap import roc_auc
-
-    rng = np.random.default_rng(0)
-    pos, neg = rng.random(40).round(1), (rng.random(55) * 0.8).round(1)  # rounded: many ties
-    brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
-    assert abs(roc_auc(pos, neg) - brute) < 1e-12
-    assert roc_auc([1.0, 2.0], [0.0]) == 1.0 and roc_auc([0.0], [1.0, 2.0]) == 0.0 and roc_auc([], [1.0]) is None
-
-
-def test_bootstrap_init_starts_both_arms_from_the_checkpoint(tmp_path, tiny_vocab_dir, monkeypatch):
-    """`capfilt bootstrap --init CKPT`: pretraining starts from CKPT with CKPT's own tokenizer, not the synthetic one."""
-    import torch
-
-    from blip import save_pretrained
-    from blip.config import BlipConfig
-    from blip.model import BlipPretrain
-    from blip.tokenizer import build_tokenizer
-    from pipelines.bootstrap import Bootstrap, BootstrapConfig
-    from pipelines.train import TrainSettings, build_model
-
-    torch.manual_seed(0)
-    ckpt = BlipPretrain(BlipConfig.from_name("tiny", family="pretrain", queue_size=64))
-    ckpt.tokenizer = build_tokenizer(tiny_vocab_dir)
-    save_pretrained(ckpt, tmp_path / "pretrained")
-    monkeypatch.chdir(tmp_path)  # a relative --init, as a user types it
-    cfg = BootstrapConfig.from_yaml(
-        str(ROOT / "configs" / "bootstrap_ci.yaml"), workdir=str(tmp_path / "w"), init="pretrained"
-    )
-    assert cfg.init == str(tmp_path / "pretrained")
-    overrides = Bootstrap(cfg).pretrain_overrides(str(tmp_path / "synthetic_vocab"))
-    assert "tokenizer" not in overrides and overrides["init"] == cfg.init
-    s = TrainSettings.from_yaml(cfg.pretrain_config, **overrides, data=str(tmp_path), output=str(tmp_path / "o"))
-    model, tok = build_model(s, s.init)
-    assert len(tok) == len(ckpt.tokenizer)
-    for k, v in ckpt.state_dict().items():  # the arm starts from the checkpoint's weights
-        assert torch.equal(model.state_dict()[k], v), k
-
-
-def test_bootstrap_set_overrides_one_key_of_a_step(tmp_path):
-    """`capfilt bootstrap --set seed=1 --set pretrain.epochs=3`: top-level settings replaced, a step's map merged."""
-    from pipelines.bootstrap import BootstrapConfig
-    from pipelines.settings import parse_set, read_yaml
-
-    demo = read_yaml(ROOT / "configs" / "bootstrap_demo.yaml")
-    items = ["seed=1", "noise=0.5", "pretrain.epochs=3", "eval.k-test=4", f"workdir={tmp_path}"]
-    cfg = BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(items))
-    assert (cfg.seed, cfg.noise, cfg.workdir) == (1, 0.5, str(tmp_path))
-    assert cfg.pretrain == {**demo["pretrain"], "epochs": 3} and cfg.eval == {**demo["eval"], "k_test": 4}
-    with pytest.raises(ValueError, match="'seed' is not a map"):
-        BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(["seed.x=1"]))
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_set(["seed"])
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "cli.py"), "bootstrap", "--set", "nosuch=1", "--workdir", str(tmp_path)],
-        capture_output=True, text=True, cwd=tmp_path,
-    )  # fmt: skip
-    assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("error:") and "nosuch" in r.stderr
-
-
-def test_aggregate_seeds_mean_std_and_direction():
-    import numpy as np
-
-    from pipelines.bootstrap import COLUMNS, aggregate_seeds, format_seeds
-
-    rng = np.random.default_rng(0)
-
-    def row():
-        return {
-            sec: {m: float(rng.uniform(0, 100)) for s, m, _, _ in COLUMNS if s == sec}
-            for sec in ("retrieval", "caption")
-        }
-
-    def report():
-        auc = {"web_itm_auc": {"all": float(rng.random())}}
-        return {"rows": {"no bootstrap": row(), "C+F": row()}, "filter": auc}
-
-    reports = {s: report() for s in (3, 1, 2)}
-    agg = aggregate_seeds(reports)
-    assert agg["seeds"] == [1, 2, 3]
-    for sec, m, _, _ in COLUMNS:
-        cf = [reports[s]["rows"]["C+F"][sec][m] for s in (3, 1, 2)]
-        base = [reports[s]["rows"]["no bootstrap"][sec][m] for s in (3, 1, 2)]
-        assert agg["rows"]["C+F"][m]["mean"] == pytest.approx(np.mean(cf))
-        assert agg["rows"]["C+F"][m]["std"] == pytest.approx(np.std(cf, ddof=1))
-        d = np.subtract(cf, base)
-        assert (
-            agg["difference"][m]["mean"] == pytest.approx(d.mean())
-            and agg["difference"][m]["cf_higher"] == (d > 0).sum()
-        )
-    text = format_seeds(agg)
-    assert "3 seeds (1, 2, 3)" in text and "C+F - no bootstrap" in text and "filter ROC-AUC" in text
