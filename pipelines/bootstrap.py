@@ -317,11 +317,10 @@ class Bootstrap:
         evals = {"no bootstrap": "noisy", "F": "filter_only", "C+F": "capfilt"}
         rows, ft = {}, c.retrieval_eval == "finetuned"
         for row, a in arms.items():
-            ret, cap, name = a["retrieval" if ft else "pretrain"]["output"], a["captioner"]["output"], evals[row]
-            # one marker per protocol, so switching `retrieval_eval` in a workdir never reuses the other's numbers
-            rows[row] = self.step(
-                ("eval_ft_" if ft else "eval_") + name, partial(self.evaluate, ret, cap, data["test"], name)
-            )
+            ret, cap = a["retrieval" if ft else "pretrain"]["output"], a["captioner"]["output"]
+            # one marker and folder per protocol: switching `retrieval_eval` in a workdir never reuses the other's
+            name = ("ft_" if ft else "") + evals[row]
+            rows[row] = self.step(f"eval_{name}", partial(self.evaluate, ret, cap, data["test"], name))
         fq = self.step("filter_quality", lambda: self.filter_quality(data))
         pre = {row: a["pretrain"] for row, a in arms.items()}
         report = {"config": asdict(c), "rows": rows, "filter": fq, "capfilt_run": run, "pretrain": pre}

@@ -71,7 +71,7 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     # each row is measured after fine-tuning its pretrained model on the clean set (the paper's Table 1, FT): the
     # noisy arm's retrieval model is the loop's filter, the C+F arm's is fine-tuned by the same recipe
     evaluated = {r: json.loads((work / "eval" / n / "eval_retrieval.json").read_text())["model"]
-                 for r, n in (("no bootstrap", "noisy"), ("C+F", "capfilt"))}  # fmt: skip
+                 for r, n in (("no bootstrap", "ft_noisy"), ("C+F", "ft_capfilt"))}  # fmt: skip
     assert evaluated == {"no bootstrap": str(work / "filter"), "C+F": str(work / "retrieval_capfilt")}
     assert json.loads((work / "retrieval_capfilt" / "config.json").read_text())["family"] == "retrieval"
 
