@@ -154,3 +154,104 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert agg["seeds"] == [0] and agg["rows"]["C+F"]["txt_r1"]["values"] == [
         report0["rows"]["C+F"]["retrieval"]["txt_r1"]
     ]
+
+
+def test_roc_auc_matches_brute_force():
+    import numpy as np
+
+    from pipelines.bootstrap import roc_auc
+
+    rng = np.random.default_rng(0)
+    pos, neg = rng.random(40).round(1), (rng.random(55) * 0.8).round(1)  # rounded: many ties
+    brute = np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p in pos for n in neg])
+    assert abs(roc_auc(pos, neg) - brute) < 1e-12
+    assert roc_auc([1.0, 2.0], [0.0]) == 1.0 and roc_auc([0.0], [1.0, 2.0]) == 0.0 and roc_auc([], [1.0]) is None
+
+
+def test_bootstrap_init_starts_both_arms_from_the_checkpoint(tmp_path, tiny_vocab_dir, monkeypatch):
+    """`capfilt bootstrap --init CKPT`: pretraining starts from CKPT with CKPT's own tokenizer, not the synthetic one."""
+    import torch
+
+    from blip import save_pretrained
+    from blip.config import BlipConfig
+    from blip.model import BlipPretrain
+    from blip.tokenizer import build_tokenizer
+    from pipelines.bootstrap import Bootstrap, BootstrapConfig
+    from pipelines.train import TrainSettings, build_model
+
+    torch.manual_seed(0)
+    ckpt = BlipPretrain(BlipConfig.from_name("tiny", family="pretrain", queue_size=64))
+    ckpt.tokenizer = build_tokenizer(tiny_vocab_dir)
+    save_pretrained(ckpt, tmp_path / "pretrained")
+    monkeypatch.chdir(tmp_path)  # a relative --init, as a user types it
+    cfg = BootstrapConfig.from_yaml(
+        str(ROOT / "configs" / "bootstrap_ci.yaml"), workdir=str(tmp_path / "w"), init="pretrained"
+    )
+    assert cfg.init == str(tmp_path / "pretrained")
+    overrides = Bootstrap(cfg).pretrain_overrides(str(tmp_path / "synthetic_vocab"))
+    assert "tokenizer" not in overrides and overrides["init"] == cfg.init
+    s = TrainSettings.from_yaml(cfg.pretrain_config, **overrides, data=str(tmp_path), output=str(tmp_path / "o"))
+    model, tok = build_model(s, s.init)
+    assert len(tok) == len(ckpt.tokenizer)
+    for k, v in ckpt.state_dict().items():  # the arm starts from the checkpoint's weights
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_bootstrap_set_overrides_one_key_of_a_step(tmp_path):
+    """`capfilt bootstrap --set seed=1 --set pretrain.epochs=3`: top-level settings replaced, a step's map merged."""
+    from pipelines.bootstrap import BootstrapConfig
+    from pipelines.settings import parse_set, read_yaml
+
+    demo = read_yaml(ROOT / "configs" / "bootstrap_demo.yaml")
+    items = ["seed=1", "noise=0.5", "pretrain.epochs=3", "eval.k-test=4", f"workdir={tmp_path}"]
+    cfg = BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(items))
+    assert (cfg.seed, cfg.noise, cfg.workdir) == (1, 0.5, str(tmp_path))
+    assert cfg.pretrain == {**demo["pretrain"], "epochs": 3} and cfg.eval == {**demo["eval"], "k_test": 4}
+    with pytest.raises(ValueError, match="'seed' is not a map"):
+        BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(["seed.x=1"]))
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_set(["seed"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("seed: 0\npretrain: {epochs: 1\n")  # an unclosed map: a typo, not a traceback
+    for args, msg in ((["--set", "nosuch=1"], "nosuch"), (["--set", "retrieval_eval=fine"], "retrieval_eval"),
+                      (["--config", str(broken)], "not valid YAML")):  # fmt: skip
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "cli.py"), "bootstrap", *args, "--workdir", str(tmp_path)],
+            capture_output=True, text=True, cwd=tmp_path,
+        )  # fmt: skip
+        assert r.returncode == 1 and r.stderr.strip().splitlines() == [r.stderr.strip()] and msg in r.stderr
+        assert r.stderr.startswith("error:"), r.stderr
+
+
+def test_aggregate_seeds_mean_std_and_direction():
+    import numpy as np
+
+    from pipelines.bootstrap import COLUMNS, aggregate_seeds, format_seeds
+
+    rng = np.random.default_rng(0)
+
+    def row():
+        return {
+            sec: {m: float(rng.uniform(0, 100)) for s, m, _, _ in COLUMNS if s == sec}
+            for sec in ("retrieval", "caption")
+        }
+
+    def report():
+        auc = {"web_itm_auc": {"all": float(rng.random())}}
+        return {"rows": {"no bootstrap": row(), "C+F": row()}, "filter": auc}
+
+    reports = {s: report() for s in (3, 1, 2)}
+    agg = aggregate_seeds(reports)
+    assert agg["seeds"] == [1, 2, 3]
+    for sec, m, _, _ in COLUMNS:
+        cf = [reports[s]["rows"]["C+F"][sec][m] for s in (3, 1, 2)]
+        base = [reports[s]["rows"]["no bootstrap"][sec][m] for s in (3, 1, 2)]
+        assert agg["rows"]["C+F"][m]["mean"] == pytest.approx(np.mean(cf))
+        assert agg["rows"]["C+F"][m]["std"] == pytest.approx(np.std(cf, ddof=1))
+        d = np.subtract(cf, base)
+        assert (
+            agg["difference"][m]["mean"] == pytest.approx(d.mean())
+            and agg["difference"][m]["cf_higher"] == (d > 0).sum()
+        )
+    text = format_seeds(agg)
+    assert "3 seeds (1, 2, 3)" in text and "C+F - no bootstrap" in text and "filter ROC-AUC" in text
