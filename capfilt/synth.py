@@ -178,6 +178,23 @@ def caption_accuracy(text: str, truth_objects: list[dict[str, str]] | list[Synth
     return best / (len(ATTRIBUTES) * n)
 
 
+def scene_targets(objects: list[SynthObject] | list[dict[str, str]]) -> np.ndarray:
+    """A scene's labels for the supervised ViT warm-up (`capfilt warmup-vision`, the synthetic world's ImageNet):
+    per position (POSITIONS order) the class of its object's shape, colour and size, 1-based, 0 = no object there.
+    Returns (len(POSITIONS), 3) int64; the class counts are TARGET_CLASSES."""
+    y = np.zeros((len(POSITIONS), 3), dtype=np.int64)
+    for o in objects:
+        o = o if isinstance(o, SynthObject) else SynthObject(**o)
+        y[POSITIONS.index(o.position)] = (SHAPES.index(o.shape) + 1, _COLOR_NAMES.index(o.color) + 1,
+                                          SIZES.index(o.size) + 1)  # fmt: skip
+    return y
+
+
+_COLOR_NAMES = tuple(COLORS)
+# classes per position of scene_targets: (shape, colour, size), each with "no object" as class 0
+TARGET_CLASSES = (len(SHAPES) + 1, len(COLORS) + 1, len(SIZES) + 1)
+
+
 # -- scenes, noise, images -----------------------------------------------------------------------------------------
 
 
