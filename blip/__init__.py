@@ -16,6 +16,7 @@ _EXPORTS = {
     "read_config": "blip.checkpoint",
     "load": "blip.checkpoint",
     "save_pretrained": "blip.checkpoint",
+    "load_vision_weights": "blip.checkpoint",
     "convert_checkpoint": "blip.checkpoint",
 }
 __all__ = list(_EXPORTS)

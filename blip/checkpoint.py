@@ -323,6 +323,41 @@ def load(
     return model.eval().to(device=device, dtype=dtype)
 
 
+VISION_FILE = "vision.safetensors"  # a bare ViT state dict, as `capfilt warmup-vision` writes it
+
+
+def load_vision_weights(vit: nn.Module, path_or_id: str | os.PathLike[str]) -> list[str]:
+    """Start a ViT from pretrained weights, as the original pretraining starts from DeiT's ImageNet ViT
+    (`blip_pretrain.py`: `visual_encoder.load_state_dict(deit["model"], strict=False)`).
+
+    Reads a timm / DeiT state dict (`.pth` / `.safetensors`, `{"model": sd}` unwrapped), a folder with
+    `vision.safetensors` (`capfilt warmup-vision`), or any BLIP checkpoint `blip.load` reads (its `visual_encoder`).
+    Position embeddings are resized to the ViT's patch grid. Every ViT weight must be there with its shape; keys the
+    ViT has no use for (a classifier `head`, DeiT's `dist_token`) are returned, not loaded.
+    """
+    path = resolve(path_or_id)
+    if path.is_dir() and (path / VISION_FILE).is_file():
+        sd = _read_file(path / VISION_FILE)
+    else:
+        sd = _read_file(path) if path.is_file() else {}
+        if not sd or any(k.startswith(("visual_encoder.", "vision_model.")) for k in sd):  # a whole BLIP model
+            _, full, _ = read_checkpoint(path)
+            sd = {k[len("visual_encoder.") :]: v for k, v in full.items() if k.startswith("visual_encoder.")}
+    own = vit.state_dict()
+    if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
+        if sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:
+            sd["pos_embed"] = interpolate_pos_embed(sd["pos_embed"], own["pos_embed"].shape[1] - 1)
+    missing = [k for k in own if k not in sd]
+    shared = {k: v for k, v in own.items() if k in sd}
+    wrong = [f"{k} {tuple(sd[k].shape)} (ViT: {tuple(v.shape)})" for k, v in shared.items() if sd[k].shape != v.shape]
+    problems = [f"missing {', '.join(missing[:4])}"] if missing else []
+    problems += [f"shapes {', '.join(wrong[:4])}"] if wrong else []
+    if problems:
+        raise CheckpointError(f"{path} does not fit this ViT: {'; '.join(problems)}")
+    vit.load_state_dict({k: sd[k] for k in own})
+    return sorted(k for k in sd if k not in own)
+
+
 def save_pretrained(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     """Our folder: config.json (special ids included) + model.safetensors (each shared storage once) + tokenizer."""
     from safetensors.torch import save_file
