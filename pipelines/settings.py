@@ -126,3 +126,8 @@ def parse_set(items: tuple[str, ...] | list[str]) -> dict[str, Any]:
         k, v = item.split("=", 1)
         out[k.strip().replace("-", "_")] = yaml.safe_load(v)
     return out
+
+
+def overrides(set_items: tuple[str, ...] | list[str], **flags: Any) -> dict[str, Any]:
+    """`--set` items + the command's own flags; a flag not given (None) leaves a `--set` of the same key in force."""
+    return {**parse_set(set_items), **{k: v for k, v in flags.items() if v is not None}}

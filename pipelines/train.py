@@ -57,6 +57,9 @@ class TrainSettings:
     model: str = "base"  # preset for a from-scratch model: tiny | base | large
     init: str | None = None  # any checkpoint blip.load reads
     tokenizer: str | None = None  # tokenizer folder / vocab.txt (from-scratch runs; a checkpoint carries its own)
+    # from-scratch runs: start the ViT from these weights, as the original pretraining starts from DeiT's ImageNet ViT
+    # (a timm/DeiT .pth, a `capfilt warmup-vision` folder, or any BLIP checkpoint's visual encoder)
+    init_vision: str | None = None
     resume: bool = False
     # model overrides (None: keep the preset's / checkpoint's value)
     image_size: int | None = None
@@ -120,6 +123,7 @@ class TrainSettings:
         self.output = resolve_path(self.output) or self.output
         self.init = resolve_path(self.init, hub=True)
         self.tokenizer = resolve_path(self.tokenizer)
+        self.init_vision = resolve_path(self.init_vision, hub=True)
         return self
 
     def validate(self) -> None:
@@ -132,6 +136,8 @@ class TrainSettings:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (got {self.max_steps})")
+        if self.init_vision and self.init:
+            raise ValueError("init_vision starts a from-scratch run's ViT; with --init the checkpoint has its own ViT")
 
     @property
     def global_batch(self) -> int:
@@ -229,6 +235,12 @@ def build_model(s: TrainSettings, source: str | None) -> tuple[nn.Module, Any]:
         torch.manual_seed(s.seed)
         model = _model_class(family, cfg)
         init_weights(model, std=s.init_std)
+        if s.init_vision:
+            from blip.checkpoint import load_vision_weights
+
+            load_vision_weights(model.visual_encoder, s.init_vision)
+            if isinstance(model, ContrastiveMixin) and hasattr(model, "visual_encoder_m"):
+                model.copy_params()  # the momentum ViT starts from the same weights
     else:
         loaded = blip.load(source, tokenizer_path=s.tokenizer, keep_training_state=True)
         tok = loaded.tokenizer
@@ -786,11 +798,11 @@ def train(s: TrainSettings) -> dict[str, Any]:
 
 def run_command(task: str, config: str | None, set_items: tuple[str, ...] = (), **overrides: Any) -> dict[str, Any]:
     """`capfilt pretrain` / `capfilt finetune`: preset YAML (default per task) + `--set key=value` + flags -> train."""
-    from pipelines.settings import parse_set
+    from pipelines.settings import overrides as merge
 
     if config is None:
         config = "pretrain_base.yaml" if task == "pretrain" else f"finetune_{task}.yaml"  # a name in configs/
-    s = TrainSettings.from_yaml(config, **{**parse_set(set_items), **overrides, "task": task})
+    s = TrainSettings.from_yaml(config, **{**merge(set_items, **overrides), "task": task})
     if task != "pretrain" and not (s.init or s.resume):
         raise ValueError("fine-tuning needs --init CKPT (a pretrain, caption or retrieval checkpoint)")
     summary = train(s)
