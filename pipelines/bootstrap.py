@@ -60,6 +60,12 @@ class BootstrapConfig:
     # model fine-tuned from it on the clean set by the filter's recipe, one more fine-tuning per arm), "zero_shot" = the
     # pretrained model itself (its ITC + ITM; cheaper)
     retrieval_eval: str = "finetuned"
+    # the synthetic world's stand-in for the ImageNet ViT BLIP starts from (pipelines/warmup.py): a supervised ViT
+    # warm-up on a split no other step sees, the ViT start of every pretraining arm; only from scratch on the
+    # synthetic world (with `init`, `web`, or `pretrain: {init_vision: ...}` the start is yours)
+    warmup_vision: bool = True
+    warmup_config: str = "warmup_vision_tiny.yaml"
+    warmup: dict[str, Any] = field(default_factory=dict)
     # run settings: a preset YAML per step + overrides
     pretrain_config: str = "pretrain_tiny.yaml"
     pretrain: dict[str, Any] = field(default_factory=dict)
@@ -92,7 +98,7 @@ class BootstrapConfig:
         self.init = resolve_path(self.init, hub=True)
         for name in ("web", "clean", "test"):
             setattr(self, name, resolve_paths(getattr(self, name)))
-        for name in ("pretrain_config", "caption_config", "retrieval_config", "capfilt_config"):
+        for name in ("pretrain_config", "caption_config", "retrieval_config", "capfilt_config", "warmup_config"):
             setattr(self, name, _preset(getattr(self, name)))
         return self
 
@@ -267,11 +273,24 @@ class Bootstrap:
             },
         }
 
-    def pretrain_overrides(self, tokenizer: str) -> dict[str, Any]:
-        """Every pretraining arm starts from the same point: `init` (with its own tokenizer), or from scratch with the
-        synthetic world's tokenizer."""
+    def uses_warmup(self) -> bool:
         c = self.cfg
-        return {**c.pretrain, "init": c.init} if c.init else {**c.pretrain, "tokenizer": tokenizer}
+        return c.warmup_vision and not (c.init or c.web or c.pretrain.get("init_vision"))
+
+    def warmup(self) -> dict[str, Any]:
+        from pipelines.warmup import WarmupSettings, warmup_vision
+
+        s = WarmupSettings.from_yaml(self.cfg.warmup_config, **{"seed": self.cfg.seed, **self.cfg.warmup,
+                                                                 "output": self.path("warmup_vision")})  # fmt: skip
+        return warmup_vision(s)
+
+    def pretrain_overrides(self, tokenizer: str, vision: str | None = None) -> dict[str, Any]:
+        """Every pretraining arm starts from the same point: `init` (with its own tokenizer), or from scratch with the
+        synthetic world's tokenizer and (`vision`) the warmed-up ViT."""
+        c = self.cfg
+        if c.init:
+            return {**c.pretrain, "init": c.init}
+        return {**c.pretrain, "tokenizer": tokenizer, **({"init_vision": vision} if vision else {})}
 
     def arm(
         self, name: str, corpus: str, data: dict[str, Any], steps: int | None = None, **names: str
@@ -284,7 +303,8 @@ class Bootstrap:
                     "retrieval": f"finetune_retrieval_{name}", **names}  # fmt: skip
         dirs = {k: v.removeprefix("finetune_") for k, v in steps_of.items()}
         pre = self.step(steps_of["pretrain"], lambda: self.train(
-            "pretrain", c.pretrain_config, self.pretrain_overrides(data["tokenizer"]), steps, data=corpus,
+            "pretrain", c.pretrain_config, self.pretrain_overrides(data["tokenizer"], data.get("vision")), steps,
+            data=corpus,
             output=self.path(dirs["pretrain"])))  # fmt: skip
         cap = self.step(steps_of["caption"], lambda: self.train(
             "caption", c.caption_config, c.finetune_caption, data=clean, init=pre["output"],
@@ -299,6 +319,8 @@ class Bootstrap:
     def run(self) -> dict[str, Any]:
         c = self.cfg
         data = self.step("data", self.data)
+        if self.uses_warmup():
+            data = {**data, "vision": self.step("warmup_vision", self.warmup)["output"]}
         # the noisy arm's captioner and retrieval model are the loop's captioner and filter (paper: both fine-tuned
         # on COCO from the model pretrained on the noisy web corpus)
         noisy = self.arm("noisy", f"{data['web']},{data['clean']}", data, caption="finetune_captioner",
@@ -452,9 +474,9 @@ def bootstrap(
 ) -> dict[str, Any]:
     """One loop; or with `seeds`, one loop per seed in `workdir/seed_N` (data, initialisation, data order and
     augmentations all follow the seed) and the mean ± std table, written to `workdir/bootstrap_seeds.json`."""
-    from pipelines.settings import parse_set
+    from pipelines.settings import overrides
 
-    cfg = BootstrapConfig.from_yaml(_preset(config), **parse_set(set_items), workdir=workdir, init=init)
+    cfg = BootstrapConfig.from_yaml(_preset(config), **overrides(set_items, workdir=workdir, init=init))
     if not seeds:
         return Bootstrap(cfg).run()
     root, reports = Path(cfg.workdir), {}

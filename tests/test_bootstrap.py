@@ -18,7 +18,7 @@ import pytest
 
 from capfilt.synth import caption_accuracy, read_truth
 
-STEPS = ["data", "pretrain_noisy", "finetune_captioner", "finetune_filter", "capfilt", "pretrain_capfilt",
+STEPS = ["data", "warmup_vision", "pretrain_noisy", "finetune_captioner", "finetune_filter", "capfilt", "pretrain_capfilt",
          "finetune_captioner_capfilt", "finetune_retrieval_capfilt", "eval_ft_noisy", "eval_ft_capfilt",
          "filter_quality"]  # fmt: skip
 F_STEPS = ["capfilt_filter_only", "pretrain_filter_only", "finetune_captioner_filter_only",
