@@ -116,6 +116,7 @@ class Bootstrap:
         self.dir = Path(cfg.workdir)
         self.echo = echo
         (self.dir / "_done").mkdir(parents=True, exist_ok=True)
+        self.seconds: dict[str, float] = {}  # each step's wall time; a skipped step's from the run that did it
 
     # -- step bookkeeping: a finished step leaves a marker with its result; reruns skip it
     def step(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -124,12 +125,15 @@ class Bootstrap:
         here = json.dumps(str(self.dir) + "/")[1:-1]
         if marker.is_file():
             self.echo(f"== {name}: done before, skipped")
-            return json.loads(marker.read_text().replace('"{workdir}/', f'"{here}'))
+            result = json.loads(marker.read_text().replace('"{workdir}/', f'"{here}'))
+            self.seconds[name] = result.get("seconds", 0.0)
+            return result
         self.echo(f"== {name}")
         t0 = time.time()
         result = fn()
         result["seconds"] = round(time.time() - t0, 1)
         marker.write_text(json.dumps(result, indent=2, default=str).replace(f'"{here}', '"{workdir}/'))
+        self.seconds[name] = result["seconds"]
         self.echo(f"== {name}: {result['seconds']:.0f} s")
         return result
 
@@ -319,8 +323,9 @@ class Bootstrap:
     def run(self) -> dict[str, Any]:
         c = self.cfg
         data = self.step("data", self.data)
-        if self.uses_warmup():
-            data = {**data, "vision": self.step("warmup_vision", self.warmup)["output"]}
+        warm = self.step("warmup_vision", self.warmup) if self.uses_warmup() else None
+        if warm:
+            data = {**data, "vision": warm["output"]}
         # the noisy arm's captioner and retrieval model are the loop's captioner and filter (paper: both fine-tuned
         # on COCO from the model pretrained on the noisy web corpus)
         noisy = self.arm("noisy", f"{data['web']},{data['clean']}", data, caption="finetune_captioner",
@@ -345,7 +350,8 @@ class Bootstrap:
             rows[row] = self.step(f"eval_{name}", partial(self.evaluate, ret, cap, data["test"], name))
         fq = self.step("filter_quality", lambda: self.filter_quality(data))
         pre = {row: a["pretrain"] for row, a in arms.items()}
-        report = {"config": asdict(c), "rows": rows, "filter": fq, "capfilt_run": run, "pretrain": pre}
+        report = {"config": asdict(c), "rows": rows, "filter": fq, "capfilt_run": run, "pretrain": pre,
+                  "warmup_vision": warm, "seconds": self.seconds}  # fmt: skip
         (self.dir / "bootstrap_report.json").write_text(json.dumps(report, indent=2, default=str))
         self.echo(format_report(report))
         self.echo(f"report: {self.dir / 'bootstrap_report.json'}")
@@ -394,6 +400,13 @@ def format_report(report: dict[str, Any]) -> str:
             "pretraining: "
             + "; ".join(f"{k} {v.get('samples')} samples, {v.get('steps')} steps" for k, v in pre.items())
         )
+    warm = report.get("warmup_vision")
+    if warm:
+        acc = warm["test_accuracy"]
+        lines.append(
+            "ViT warm-up (both arms start from it), held-out: "
+            + ", ".join(f"{k} {acc[k]:.1%}" for k in ("shape", "color", "size") if k in acc)
+        )
     f = report["filter"]
     if "drop_precision" in f:
         lines.append(
@@ -420,6 +433,11 @@ def format_report(report: dict[str, Any]) -> str:
                 for k, v in ta.items()
                 if v["accuracy"] is not None
             )
+        )
+    if report.get("seconds"):
+        secs = report["seconds"]
+        lines.append(
+            f"time: {sum(secs.values()) / 60:.1f} min (" + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()) + ")"
         )
     if f["samples_kept"] == 0:
         lines.append(

@@ -103,6 +103,13 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert pre["C+F"]["samples"] == int(ok["kept"].sum()) + 64  # kept web samples + the clean set
     assert pre["C+F"]["epochs"] == -(-8 // (pre["C+F"]["samples"] // 16))
     assert "pretraining: no bootstrap 224 samples, 8 steps; C+F" in p.stdout
+    # the ViT warm-up both arms started from, and each step's wall time, in the report and the table
+    assert set(report["warmup_vision"]["test_accuracy"]) == {"shape", "color", "size", "empty"}
+    assert "ViT warm-up (both arms start from it), held-out: shape " in p.stdout
+    assert (
+        list(report["seconds"]) == STEPS and min(report["seconds"].values()) >= 0 < report["seconds"]["pretrain_noisy"]
+    )
+    assert f"time: {sum(report['seconds'].values()) / 60:.1f} min (data " in p.stdout
 
     # the same step on web shards without the synthetic world's ground truth (your own data): counts only
     from pipelines.bootstrap import Bootstrap, BootstrapConfig, format_report
