@@ -336,13 +336,18 @@ def load_vision_weights(vit: nn.Module, path_or_id: str | os.PathLike[str]) -> l
     ViT has no use for (a classifier `head`, DeiT's `dist_token`) are returned, not loaded.
     """
     path = resolve(path_or_id)
-    if path.is_dir() and (path / VISION_FILE).is_file():
-        sd = _read_file(path / VISION_FILE)
+
+    def visual(full: dict[str, Tensor]) -> dict[str, Tensor]:  # a whole BLIP model's ViT, original names
+        return {k[len("visual_encoder.") :]: v for k, v in full.items() if k.startswith("visual_encoder.")}
+
+    if path.is_dir():
+        sd = _read_file(path / VISION_FILE) if (path / VISION_FILE).is_file() else visual(read_checkpoint(path)[1])
     else:
-        sd = _read_file(path) if path.is_file() else {}
-        if not sd or any(k.startswith(("visual_encoder.", "vision_model.")) for k in sd):  # a whole BLIP model
-            _, full, _ = read_checkpoint(path)
-            sd = {k[len("visual_encoder.") :]: v for k, v in full.items() if k.startswith("visual_encoder.")}
+        sd = _read_file(path)
+        if any(k.startswith("vision_model.") for k in sd):  # a whole model, transformers names
+            sd = visual(_hf_to_original(sd, path))
+        elif any(k.startswith("visual_encoder.") for k in sd):  # a whole model, original names
+            sd = visual(sd)
     own = vit.state_dict()
     if "pos_embed" in sd and sd["pos_embed"].shape != own["pos_embed"].shape:
         if sd["pos_embed"].shape[-1] == own["pos_embed"].shape[-1]:

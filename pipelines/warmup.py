@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn as nn
+
 
 @dataclass
 class WarmupSettings:
@@ -94,16 +97,14 @@ def render_split(seed: int, start: int, n: int, image_size: int) -> tuple[Any, A
     return np.stack(pixels), np.stack(targets)
 
 
-class VisionWarmup:
+class VisionWarmup(nn.Module):
     """ViT + one linear head on [CLS]: per position, logits of shape / colour / size (TARGET_CLASSES each)."""
 
     def __init__(self, vcfg: Any, std: float, seed: int):
-        import torch
-        import torch.nn as nn
-
         from blip.model import VisionTransformer, init_weights
         from capfilt.synth import POSITIONS, TARGET_CLASSES
 
+        super().__init__()
         torch.manual_seed(seed)
         self.vit = VisionTransformer(vcfg)
         init_weights(self.vit, std=std)
@@ -112,35 +113,22 @@ class VisionWarmup:
         nn.init.trunc_normal_(self.head.weight, std=std)
         nn.init.zeros_(self.head.bias)
 
-    def parameters(self) -> list[Any]:
-        return [*self.vit.parameters(), *self.head.parameters()]
-
-    def train(self, mode: bool = True) -> None:
-        self.vit.train(mode)
-
-    def to(self, device: Any) -> VisionWarmup:
-        self.vit.to(device)
-        self.head.to(device)
-        return self
-
-    def logits(self, pixels: Any) -> list[Any]:
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, S, S) -> [(B, positions, classes)] for shape, colour, size."""
         z = self.head(self.vit(pixels)[:, 0])  # (B, positions * sum(classes))
         return list(z.view(z.shape[0], -1, sum(self.classes)).split(self.classes, dim=-1))
 
-    def loss(self, pixels: Any, y: Any) -> tuple[Any, list[Any]]:
+    def loss(self, pixels: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Cross-entropy summed over the three attributes, averaged over positions; and the argmax per attribute."""
         import torch.nn.functional as F
 
-        out = self.logits(pixels)
+        out = self(pixels)
         loss = sum(F.cross_entropy(z.flatten(0, 1).float(), y[..., k].flatten()) for k, z in enumerate(out))
         return loss, [z.argmax(-1) for z in out]
 
-    def state_dict(self) -> dict[str, Any]:
-        """timm ViT names (as DeiT's checkpoints) + the head."""
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.vit.state_dict().items()}
-        sd |= {f"head.{k}": v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}
-        return sd
+    def export(self) -> dict[str, torch.Tensor]:
+        """timm ViT names (as DeiT's checkpoints: no `vit.` prefix) + the head."""
+        return {k.removeprefix("vit."): v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
 
 def accuracy(pred: list[Any], y: Any) -> dict[str, float]:
@@ -158,7 +146,6 @@ def accuracy(pred: list[Any], y: Any) -> dict[str, float]:
 def _train(s: WarmupSettings) -> dict[str, Any]:
     """The training itself (inside the Ray task): render the split, train, evaluate on its held-out part, save."""
     import numpy as np
-    import torch
     from safetensors.torch import save_file
 
     from blip.checkpoint import VISION_FILE
@@ -183,7 +170,7 @@ def _train(s: WarmupSettings) -> dict[str, Any]:
         with torch.no_grad():
             for i in range(0, len(x_test), 256):
                 px = normalize(torch.from_numpy(x_test[i : i + 256]).to(device))
-                preds.append(model.logits(px))
+                preds.append(model(px))
         model.train(True)
         pred = [torch.cat([p[k].argmax(-1) for p in preds]).cpu() for k in range(3)]
         return accuracy(pred, torch.from_numpy(y_test))
@@ -212,7 +199,7 @@ def _train(s: WarmupSettings) -> dict[str, Any]:
             print(f"[warmup-vision] step {step}/{s.steps} loss {row['loss']:.3f} "
                   + " ".join(f"{k} {v:.2f}" for k, v in row.items() if k.startswith("test_")), flush=True)  # fmt: skip
     log.close()
-    save_file(model.state_dict(), str(out / VISION_FILE))
+    save_file(model.export(), str(out / VISION_FILE))
     (out / "config.json").write_text(json.dumps({"vision": asdict(vcfg), "warmup": asdict(s)}, indent=2))
     return {
         "output": str(out),

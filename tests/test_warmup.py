@@ -72,6 +72,11 @@ def test_load_vision_weights_from_a_blip_checkpoint_and_refuses_a_misfit(tmp_pat
     load_vision_weights(dst, tmp_path / "filter")
     for k, v in blip_model.visual_encoder.state_dict().items():
         assert torch.equal(dst.state_dict()[k], v), k
+    torch.save({"model": blip_model.state_dict()}, tmp_path / "model_base.pth")  # one original-layout file
+    dst = _vit(seed=3)
+    assert "text_encoder.embeddings.word_embeddings.weight" not in load_vision_weights(dst, tmp_path / "model_base.pth")
+    for k, v in blip_model.visual_encoder.state_dict().items():
+        assert torch.equal(dst.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match=r"does not fit this ViT: shapes .*\(ViT: "):
         load_vision_weights(_vit(width=64), tmp_path / "filter")  # another width
 
@@ -144,3 +149,20 @@ def test_bad_setting_is_one_error_line_before_ray_starts(tmp_path, args, message
         env={"PYTHONPATH": str(ROOT), "PATH": ""}, timeout=120,
     )  # fmt: skip
     assert p.returncode == 1 and p.stderr.strip() == f"error: {message}"
+
+
+def test_bootstrap_warms_up_only_from_scratch_on_the_synthetic_world(tmp_path):
+    """The loop's warm-up step runs by default and not when the start or the data is the user's own."""
+    from pipelines.bootstrap import Bootstrap, BootstrapConfig
+
+    def uses(**kw) -> bool:
+        return Bootstrap(BootstrapConfig(workdir=str(tmp_path / "w"), **kw)).uses_warmup()
+
+    assert uses()
+    assert not uses(warmup_vision=False)
+    assert not uses(init=str(tmp_path))  # a pretrained start brings its own ViT
+    assert not uses(web=str(tmp_path))  # your own web shards
+    assert not uses(pretrain={"init_vision": str(tmp_path)})
+    boot = Bootstrap(BootstrapConfig(workdir=str(tmp_path / "w")))
+    assert boot.pretrain_overrides("tok", "warm")["init_vision"] == "warm"
+    assert "init_vision" not in boot.pretrain_overrides("tok")
