@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types as types_mod
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -105,6 +107,8 @@ def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: 
     if unknown:
         where = f"{path}: " if path is not None else ""
         raise ValueError(f"{where}unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls)
+    data = {k: _coerce(k, v, hints.get(k)) for k, v in data.items()}
     try:
         obj = cls(**data)
     except TypeError as e:
@@ -114,6 +118,28 @@ def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: 
     if hasattr(obj, "validate"):
         obj.validate()
     return obj
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """A number setting given as YAML text -> the number: YAML 1.1 reads `5e-4` (no dot) as a string, which would
+    reach the optimizer as one. A value that is no number at all is an error here, before anything starts."""
+    types = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types_mod.UnionType) else {hint}
+    if value is None or isinstance(value, bool) or not types & {int, float}:
+        return value
+    if float in types and isinstance(value, (int, float)):
+        return float(value) if int not in types else value
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        kind = "a number" if float in types else "an integer"
+        raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
+    if float in types:
+        return number
+    if not number.is_integer():
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(number)
 
 
 def parse_set(items: tuple[str, ...] | list[str]) -> dict[str, Any]:

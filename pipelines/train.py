@@ -99,6 +99,9 @@ class TrainSettings:
     # run
     workers: int = 1
     cpus_per_worker: float = 1.0
+    # torch threads per worker; None: the worker's CPUs (Ray sets OMP_NUM_THREADS to them). More than that
+    # oversubscribes the node on purpose, e.g. both cores of a 2-core laptop while the light data tasks share them.
+    torch_threads: int | None = None
     use_gpu: bool | None = None  # None: when the cluster has GPUs
     address: str | None = None
     checkpoint_every: int = 1000  # steps
@@ -134,6 +137,8 @@ class TrainSettings:
         for name in ("batch_size", "epochs", "workers", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (got {getattr(self, name)})")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads must be >= 1 (got {self.torch_threads})")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps must be >= 1 (got {self.max_steps})")
         if self.init_vision and self.init:
@@ -460,6 +465,8 @@ def _setup_worker(config: dict[str, Any]) -> _Worker:
     import ray.train.torch
 
     s = TrainSettings(**config["settings"])
+    if s.torch_threads:
+        torch.set_num_threads(s.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model_cfg = config["model_config"]

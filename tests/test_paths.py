@@ -62,3 +62,21 @@ def test_urls_survive_settings(url):
     from pipelines.train import TrainSettings
 
     assert TrainSettings.from_yaml(None, data=url, output="o").data == url
+
+
+def test_number_settings_read_as_numbers(tmp_path):
+    """YAML 1.1 reads `5e-4` (no dot) as text: as a setting it must still reach the optimizer as a number, from a
+    preset file and from `--set` alike; a value that is no number is refused by name."""
+    from pipelines.settings import parse_set
+    from pipelines.train import TrainSettings
+
+    (tmp_path / "p.yaml").write_text("task: pretrain\ninit_lr: 5e-4\nbatch_size: 1e1\n")
+    s = TrainSettings.from_yaml(tmp_path / "p.yaml", data="d", output="o")
+    assert (s.init_lr, s.batch_size) == (5e-4, 10) and isinstance(s.batch_size, int)
+    s = TrainSettings.from_yaml(None, data="d", output="o", **parse_set(["min_lr=1e-6", "torch_threads=2"]))
+    assert s.min_lr == 1e-6 and isinstance(s.min_lr, float) and s.torch_threads == 2
+    assert TrainSettings.from_yaml(None, data="d", output="o", max_steps=None).max_steps is None
+    for bad, message in [("init_lr=fast", "init_lr: expected a number, got 'fast'"),
+                         ("batch_size=2.5", "batch_size: expected an integer, got 2.5")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            TrainSettings.from_yaml(None, data="d", output="o", **parse_set([bad]))
