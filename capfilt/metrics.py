@@ -30,6 +30,22 @@ def rerank(
     return out
 
 
+def retrieval_ranks(
+    score_i2t: np.ndarray, score_t2i: np.ndarray, img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the 0-based rank of its best true match: (Ni,) for image -> text (the best of the image's texts),
+    (Nt,) for text -> image."""
+    ranks_i = np.empty(len(img2txt), dtype=np.int64)
+    for i, row in enumerate(score_i2t):
+        order = np.argsort(-row, kind="stable")
+        ranks_i[i] = min(int(np.where(order == t)[0][0]) for t in img2txt[i])
+    ranks_t = np.empty(len(txt2img), dtype=np.int64)
+    for t, row in enumerate(score_t2i):
+        order = np.argsort(-row, kind="stable")
+        ranks_t[t] = int(np.where(order == txt2img[t])[0][0])
+    return ranks_i, ranks_t
+
+
 def retrieval_recall(
     score_i2t: np.ndarray,
     score_t2i: np.ndarray,
@@ -39,14 +55,7 @@ def retrieval_recall(
 ) -> dict[str, float]:
     """Recall@K in percent. score_i2t (Ni, Nt), score_t2i (Nt, Ni); an image is a hit when any of its texts ranks
     within K; a text when its image does. Also the mean of the six numbers (`r_mean`), as the original."""
-    ranks_i = np.empty(len(img2txt), dtype=np.int64)
-    for i, row in enumerate(score_i2t):
-        order = np.argsort(-row, kind="stable")
-        ranks_i[i] = min(int(np.where(order == t)[0][0]) for t in img2txt[i])
-    ranks_t = np.empty(len(txt2img), dtype=np.int64)
-    for t, row in enumerate(score_t2i):
-        order = np.argsort(-row, kind="stable")
-        ranks_t[t] = int(np.where(order == txt2img[t])[0][0])
+    ranks_i, ranks_t = retrieval_ranks(score_i2t, score_t2i, img2txt, txt2img)
     out: dict[str, float] = {}
     for k in ks:
         out[f"txt_r{k}"] = 100.0 * float(np.mean(ranks_i < k))  # image -> text
@@ -61,8 +70,11 @@ def _simple_tokenize(text: str) -> str:
     return " ".join(re.findall(r"[a-z0-9]+(?:'[a-z]+)?", text.lower()))
 
 
-def caption_scores(preds: dict[str, str], refs: dict[str, list[str]]) -> dict[str, float]:
-    """BLEU-1..4 and CIDEr of `preds[key]` against `refs[key]` with pycocoevalcap (PTB tokenizer when Java exists)."""
+def caption_scores(
+    preds: dict[str, str], refs: dict[str, list[str]], per_image: dict[str, dict[str, float]] | None = None
+) -> dict[str, float]:
+    """BLEU-1..4 and CIDEr of `preds[key]` against `refs[key]` with pycocoevalcap (PTB tokenizer when Java exists);
+    `per_image`, when given, receives each image's CIDEr (the corpus score is their mean)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
@@ -84,7 +96,9 @@ def caption_scores(preds: dict[str, str], refs: dict[str, list[str]]) -> dict[st
         res = {k: [_simple_tokenize(preds[k])] for k in keys}
         tokenizer = "simple (no java)"
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    cider, _ = Cider().compute_score(gts, res)
+    cider, cider_each = Cider().compute_score(gts, res)
+    if per_image is not None:
+        per_image["cider"] = {k: 100.0 * float(c) for k, c in zip(gts, cider_each)}  # in gts order, as Cider
     return {
         "bleu1": 100.0 * float(bleu[0]),
         "bleu4": 100.0 * float(bleu[3]),

@@ -350,8 +350,9 @@ class Bootstrap:
             rows[row] = self.step(f"eval_{name}", partial(self.evaluate, ret, cap, data["test"], name))
         fq = self.step("filter_quality", lambda: self.filter_quality(data))
         pre = {row: a["pretrain"] for row, a in arms.items()}
-        report = {"config": asdict(c), "rows": rows, "filter": fq, "capfilt_run": run, "pretrain": pre,
-                  "warmup_vision": warm, "seconds": self.seconds}  # fmt: skip
+        eval_dirs = {row: self.path("eval", ("ft_" if ft else "") + evals[row]) for row in arms}
+        report = {"config": asdict(c), "rows": rows, "paired": paired_differences(eval_dirs), "filter": fq,
+                  "capfilt_run": run, "pretrain": pre, "warmup_vision": warm, "seconds": self.seconds}  # fmt: skip
         (self.dir / "bootstrap_report.json").write_text(json.dumps(report, indent=2, default=str))
         self.echo(format_report(report))
         self.echo(f"report: {self.dir / 'bootstrap_report.json'}")
@@ -382,6 +383,51 @@ COLUMNS = [("retrieval", "txt_r1", "TR@1", 7), ("retrieval", "txt_r5", "TR@5", 7
            ("caption", "synth_attribute_accuracy", "attr acc", 10)]  # fmt: skip
 
 
+# what `paired` compares, per test query: R@1 hits (from each query's rank), per-image CIDEr and attribute accuracy
+PAIRED = {"TR@1": ("retrieval", "image_to_text"), "IR@1": ("retrieval", "text_to_image"),
+          "CIDEr": ("caption", "cider"), "attr acc": ("caption", "synth_attribute_accuracy")}  # fmt: skip
+
+
+def paired_difference(base: Any, other: Any) -> dict[str, float]:
+    """Mean of `other - base` over the same test queries and its standard error (the paired SE: the two models'
+    shared per-query difficulty cancels, so it is far smaller than either metric's own sampling error)."""
+    import numpy as np
+
+    d = np.asarray(other, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"diff": float(d.mean()), "se": se, "n": len(d)}
+
+
+def _per_query(eval_dir: str) -> dict[str, list[float]]:
+    """Per test query scores of one evaluation folder (eval_retrieval.json, eval_caption.json), in percent."""
+    out: dict[str, list[float]] = {}
+    for name, (task, key) in PAIRED.items():
+        p = Path(eval_dir) / f"eval_{task}.json"
+        if not p.is_file():
+            continue
+        res = json.loads(p.read_text())
+        if task == "retrieval" and key in res.get("ranks", {}):
+            out[name] = [100.0 * (r < 1) for r in res["ranks"][key]]
+        elif task == "caption" and key in res.get("per_image", {}):
+            each = res["per_image"][key]
+            out[name] = [each[k] for k in sorted(each)]
+    return out
+
+
+def paired_differences(eval_dirs: dict[str, str], base: str = "no bootstrap") -> dict[str, dict[str, Any]]:
+    """Each row against `base` on the same test set: {row: {metric: {diff, se, n}}}, from the eval folders."""
+    ref = _per_query(eval_dirs[base])
+    out: dict[str, dict[str, Any]] = {}
+    for row, d in eval_dirs.items():
+        if row == base:
+            continue
+        mine = _per_query(d)
+        out[row] = {
+            m: paired_difference(ref[m], mine[m]) for m in PAIRED if m in ref and len(mine.get(m, [])) == len(ref[m])
+        }
+    return out
+
+
 def _metric(row: dict[str, Any], sec: str, m: str) -> float:
     """One metric of a table row; nan when not measured (no ground truth for attribute accuracy)."""
     v = row[sec].get(m)
@@ -394,6 +440,13 @@ def format_report(report: dict[str, Any]) -> str:
     for name, row in report["rows"].items():
         cells = "".join(f"{_metric(row, sec, m):{w}.1f}" for sec, m, _, w in COLUMNS)
         lines.append(f"{name:<20}{cells}")
+    for name, diffs in (report.get("paired") or {}).items():
+        if diffs:
+            ns = sorted({v["n"] for v in diffs.values()})
+            lines.append(
+                f"{name} - no bootstrap, paired over the same {'/'.join(map(str, ns))} test queries (diff ± SE): "
+                + ", ".join(f"{m} {v['diff']:+.1f} ± {v['se']:.1f}" for m, v in diffs.items())
+            )
     pre = report.get("pretrain") or {}
     if pre:
         lines.append(

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capfilt.metrics import caption_scores, rerank, retrieval_recall
+from capfilt.metrics import caption_scores, rerank, retrieval_ranks, retrieval_recall
 
 
 def load_model(path: str, device: str = "cpu") -> torch.nn.Module:
@@ -96,7 +96,15 @@ def retrieval_eval(
     score_i2t = rerank(sim, itm_i2t, k_test)
     score_t2i = rerank(sim.T.copy(), itm_t2i, k_test)
     metrics = retrieval_recall(score_i2t, score_t2i, img2txt, txt2img)
-    return {"metrics": metrics, "num_images": len(images), "num_texts": len(flat), "k_test": min(k_test, len(flat))}
+    ranks_i, ranks_t = retrieval_ranks(score_i2t, score_t2i, img2txt, txt2img)
+    return {
+        "metrics": metrics,
+        "num_images": len(images),
+        "num_texts": len(flat),
+        "k_test": min(k_test, len(flat)),
+        # per query, for paired comparisons of two models on the same test set (pipelines.bootstrap)
+        "ranks": {"image_to_text": ranks_i.tolist(), "text_to_image": ranks_t.tolist()},
+    }
 
 
 @torch.no_grad()
@@ -122,14 +130,15 @@ def caption_eval(
         for k, c in zip(keys[b : b + batch_size], caps):
             preds[k] = c[0]
     refs = dict(zip(keys, texts))
-    metrics: dict[str, Any] = caption_scores(preds, refs)
+    per_image: dict[str, dict[str, float]] = {}
+    metrics: dict[str, Any] = caption_scores(preds, refs, per_image)
     if truth and all(k in truth for k in keys):  # the synthetic world knows what is in each image
         from capfilt.synth import caption_accuracy
 
-        metrics["synth_attribute_accuracy"] = 100.0 * float(
-            np.mean([caption_accuracy(preds[k], truth[k]) for k in keys])
-        )
-    return {"metrics": metrics, "num_images": len(images), "predictions": preds}
+        per_image["synth_attribute_accuracy"] = {k: 100.0 * caption_accuracy(preds[k], truth[k]) for k in keys}
+        metrics["synth_attribute_accuracy"] = float(np.mean(list(per_image["synth_attribute_accuracy"].values())))
+    # per_image: for paired comparisons of two models on the same test set (pipelines.bootstrap)
+    return {"metrics": metrics, "num_images": len(images), "predictions": preds, "per_image": per_image}
 
 
 def evaluate(

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -68,6 +69,14 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
         assert 0 <= r["retrieval"]["txt_r1"] <= r["retrieval"]["txt_r5"] <= 100
         assert {"bleu4", "cider", "synth_attribute_accuracy"} <= set(r["caption"])
     assert all((work / "_done" / f"{s}.json").is_file() for s in STEPS)
+    # the paired differences are per-query means: they equal the table's own row differences
+    rows, paired = report["rows"], report["paired"]["C+F"]
+    for name, (sec, m) in {"TR@1": ("retrieval", "txt_r1"), "IR@1": ("retrieval", "img_r1"),
+                           "CIDEr": ("caption", "cider"), "attr acc": ("caption", "synth_attribute_accuracy")}.items():  # fmt: skip
+        want = rows["C+F"][sec][m] - rows["no bootstrap"][sec][m]
+        assert paired[name]["diff"] == pytest.approx(want, abs=1e-6) and paired[name]["se"] >= 0
+    assert paired["TR@1"]["n"] == paired["attr acc"]["n"] == 32
+    assert "C+F - no bootstrap, paired over the same 32 test queries (diff ± SE): TR@1 " in p.stdout
     # each row is measured after fine-tuning its pretrained model on the clean set (the paper's Table 1, FT): the
     # noisy arm's retrieval model is the loop's filter, the C+F arm's is fine-tuned by the same recipe
     evaluated = {r: json.loads((work / "eval" / n / "eval_retrieval.json").read_text())["model"]
@@ -161,6 +170,23 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert agg["seeds"] == [0] and agg["rows"]["C+F"]["txt_r1"]["values"] == [
         report0["rows"]["C+F"]["retrieval"]["txt_r1"]
     ]
+
+
+def test_paired_difference_is_the_mean_difference_and_its_standard_error():
+    from pipelines.bootstrap import paired_difference
+
+    rng = np.random.default_rng(0)
+    hard = rng.uniform(0, 100, 500)  # per-query difficulty both models share
+    base, other = hard + rng.normal(0, 5, 500), hard + 2 + rng.normal(0, 5, 500)
+    got = paired_difference(base, other)
+    d = other - base
+    assert got["n"] == 500 and got["diff"] == pytest.approx(d.mean())
+    assert got["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(500))
+    unpaired = np.sqrt(base.var(ddof=1) / 500 + other.var(ddof=1) / 500)
+    assert got["se"] < unpaired / 3  # the shared difficulty cancels
+    assert paired_difference([0, 100, 0, 100], [100, 100, 0, 0]) == pytest.approx(
+        {"diff": 0.0, "se": float(np.sqrt(20000 / 3) / 2), "n": 4}
+    )
 
 
 def test_roc_auc_matches_brute_force():

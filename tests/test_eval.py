@@ -84,6 +84,12 @@ def test_retrieval_matches_brute_force(tmp_path, eval_data, tiny_vocab_dir):
     for kk in (1, 5, 10):
         assert res["metrics"][f"txt_r{kk}"] == pytest.approx(recall(i2t, img_hits, kk), abs=1e-9)
         assert res["metrics"][f"img_r{kk}"] == pytest.approx(recall(t2i, txt_hits, kk), abs=1e-9)
+    # per query ranks (for paired comparisons): each R@K is the share of ranks below K
+    ranks = res["ranks"]
+    assert (len(ranks["image_to_text"]), len(ranks["text_to_image"])) == (len(samples), len(texts))
+    for kk in (1, 5):
+        assert res["metrics"][f"txt_r{kk}"] == pytest.approx(100 * np.mean(np.array(ranks["image_to_text"]) < kk))
+        assert res["metrics"][f"img_r{kk}"] == pytest.approx(100 * np.mean(np.array(ranks["text_to_image"]) < kk))
     # the re-ranking matters: ITC alone would give other numbers on random weights at least sometimes; and a
     # perfect scorer gets 100
     from capfilt.metrics import retrieval_recall
@@ -118,9 +124,12 @@ def test_caption_eval_matches_direct_scoring(tmp_path, eval_data, tiny_vocab_dir
     gts = tok.tokenize({m["key"]: [{"caption": pre_caption(t)} for t in m["texts"]] for m in meta})
     out = tok.tokenize({p.key: [{"caption": c}] for p, c in zip(samples, caps)})
     bleu, _ = Bleu(4).compute_score(gts, out, verbose=0)
-    cider, _ = Cider().compute_score(gts, out)
+    cider, each = Cider().compute_score(gts, out)
     assert res["metrics"]["bleu4"] == pytest.approx(100 * bleu[3])
     assert res["metrics"]["cider"] == pytest.approx(100 * cider)
+    # per image (for paired comparisons): each image's own CIDEr, whose mean is the corpus CIDEr
+    assert res["per_image"]["cider"] == pytest.approx({k: 100 * c for k, c in zip(gts, each)})
+    assert np.mean(list(res["per_image"]["cider"].values())) == pytest.approx(res["metrics"]["cider"])
 
 
 def test_caption_scores_perfect_and_wrong():
