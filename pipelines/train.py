@@ -586,6 +586,7 @@ def _finish(w: _Worker, t_start: float) -> None:
         "world_size": w.world,
         "params_in_sync": in_sync,
         "param_digest_max_diff": max_diff,
+        "torch_threads": torch.get_num_threads(),
         "train_seconds": time.time() - t_start,
     }
     # Ray Train (v2) keeps metrics only with a checkpoint: rank 0 attaches a tiny one, the weights live in --output

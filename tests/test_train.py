@@ -208,8 +208,9 @@ def pretrained(corpus, tiny_vocab_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("pretrain1")
     s = TrainSettings.from_yaml(
-        TINY, data=str(corpus), output=str(out), tokenizer=str(tiny_vocab_dir), max_steps=30, queue_size=8, **LEARN
-    )
+        TINY, data=str(corpus), output=str(out), tokenizer=str(tiny_vocab_dir), max_steps=30, queue_size=8,
+        torch_threads=2, **LEARN,
+    )  # fmt: skip
     t0 = time.time()
     summary = train(s)
     summary["test_seconds"] = time.time() - t0
@@ -222,6 +223,7 @@ def test_pretrain_one_worker_lowers_every_loss(pretrained):
 
     out, summary = pretrained
     assert summary["final_step"] == 30 and summary["world_size"] == 1
+    assert summary["torch_threads"] == 2  # the setting, not the worker's 1 CPU (Ray's OMP_NUM_THREADS)
     rows = _losses(out)
     assert [r["step"] for r in rows] == list(range(1, 31))
     _assert_all_losses_drop(rows)
@@ -302,6 +304,7 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["final_step"] == 24 and summary["world_size"] == 2 and summary["global_batch"] == 16
     assert summary["params_in_sync"] is True and summary["param_digest_max_diff"] == 0.0
+    assert summary["torch_threads"] == 1  # unset: the worker's CPUs, as Ray sets them
     rows = _losses(out)
     assert [r["step"] for r in rows] == list(range(1, 25))  # each step once: redone steps replace the lost ones
     _assert_all_losses_drop(rows)
