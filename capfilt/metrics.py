@@ -55,7 +55,11 @@ def retrieval_recall(
 ) -> dict[str, float]:
     """Recall@K in percent. score_i2t (Ni, Nt), score_t2i (Nt, Ni); an image is a hit when any of its texts ranks
     within K; a text when its image does. Also the mean of the six numbers (`r_mean`), as the original."""
-    ranks_i, ranks_t = retrieval_ranks(score_i2t, score_t2i, img2txt, txt2img)
+    return recall_at(*retrieval_ranks(score_i2t, score_t2i, img2txt, txt2img), ks)
+
+
+def recall_at(ranks_i: np.ndarray, ranks_t: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """Recall@K in percent (and `r_mean`) from retrieval_ranks' per-query ranks."""
     out: dict[str, float] = {}
     for k in ks:
         out[f"txt_r{k}"] = 100.0 * float(np.mean(ranks_i < k))  # image -> text

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from capfilt.metrics import caption_scores, rerank, retrieval_ranks, retrieval_recall
+from capfilt.metrics import caption_scores, recall_at, rerank, retrieval_ranks
 
 
 def load_model(path: str, device: str = "cpu") -> torch.nn.Module:
@@ -95,8 +95,8 @@ def retrieval_eval(
 
     score_i2t = rerank(sim, itm_i2t, k_test)
     score_t2i = rerank(sim.T.copy(), itm_t2i, k_test)
-    metrics = retrieval_recall(score_i2t, score_t2i, img2txt, txt2img)
     ranks_i, ranks_t = retrieval_ranks(score_i2t, score_t2i, img2txt, txt2img)
+    metrics = recall_at(ranks_i, ranks_t)
     return {
         "metrics": metrics,
         "num_images": len(images),

@@ -141,6 +141,11 @@ def test_warmup_vision_trains_seeded_and_its_vit_loads(tmp_path, ray_local):
         (["warmup-vision", "--output", "w", "--set", "steps=0"], "steps must be >= 1 (got 0)"),
         # a `--set` of a key that also has a flag (--batch-size, not given) is not undone by the flag's None
         (["pretrain", "--data", "d", "--output", "o", "--set", "batch_size=0"], "batch_size must be >= 1 (got 0)"),
+        # a number setting that is no number is refused by name before anything starts
+        (
+            ["pretrain", "--data", "d", "--output", "o", "--set", "init_lr=fast"],
+            "init_lr: expected a number, got 'fast'",
+        ),
     ],
 )
 def test_bad_setting_is_one_error_line_before_ray_starts(tmp_path, args, message):
