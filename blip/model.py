@@ -800,6 +800,7 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
         attention_mask: torch.Tensor,
         alpha: float | None = None,
         inbatch_itc: bool = False,
+        random_itm_negatives: bool = False,
     ) -> dict[str, torch.Tensor]:
         """input_ids: [CLS]-first tokenized captions (the original pads to 30 tokens).
 
@@ -808,6 +809,11 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
         BERT, whose features already tell samples apart; from scratch they do not, and the momentum form of ITC then
         has no gradient that separates samples (the features collapse). A short in-batch phase stands in for that
         initialisation; call `copy_params()` when switching to the momentum form.
+
+        `random_itm_negatives=True` draws ITM's negatives uniformly from the batch instead of by ITC similarity. Hard
+        negatives from a well-trained ITC differ from the positive in one object or attribute; an image-grounded
+        encoder from scratch sees no gradient it can follow on them, and its ITM sits at the 1/3 prior. Easy negatives
+        first stand in, again, for the pretrained BERT the original starts from.
         """
         alpha = self.config.alpha if alpha is None else alpha
         with torch.no_grad():
@@ -834,6 +840,8 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
         with torch.no_grad():  # the in-batch (momentum) columns of the ITC similarities decide the hard negatives
             weights_t2i = (F.softmax(text_feat @ image_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
             weights_i2t = (F.softmax(image_feat @ text_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
+            if random_itm_negatives:
+                weights_t2i = weights_i2t = torch.ones_like(weights_t2i).fill_diagonal_(0)
         loss_itm = self._itm(image_embeds, input_ids, attention_mask, weights_i2t, weights_t2i)
         loss_lm = self.caption_loss(image_embeds, input_ids, attention_mask, prompt_length=0)
         return {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm}

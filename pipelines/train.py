@@ -75,6 +75,9 @@ class TrainSettings:
     # pretraining from scratch: the first steps use plain in-batch ITC instead of momentum ITC + queues (a stand-in
     # for the pretrained towers BLIP starts from; see BlipPretrain.forward); 0 = the original recipe throughout
     itc_warmup_steps: int = 0
+    # pretraining from scratch: the first steps draw ITM's negatives uniformly from the batch instead of by ITC
+    # similarity (see BlipPretrain.forward); 0 = the original's hard negatives throughout
+    itm_warmup_steps: int = 0
     # optimisation (the original BLIP schedules are per epoch)
     batch_size: int = 75  # per worker; global batch = batch_size * workers
     epochs: int = 20
@@ -538,7 +541,14 @@ def _train_step(w: _Worker, batch: dict[str, torch.Tensor], probe_now: bool) -> 
         if s.task == "pretrain":
             if s.itc_warmup_steps and w.step == s.itc_warmup_steps:
                 raw.copy_params()  # momentum encoders start from the warmed-up towers
-            losses = w.model(pixels, ids, mask, alpha=alpha, inbatch_itc=w.step < s.itc_warmup_steps)
+            losses = w.model(
+                pixels,
+                ids,
+                mask,
+                alpha=alpha,
+                inbatch_itc=w.step < s.itc_warmup_steps,
+                random_itm_negatives=w.step < s.itm_warmup_steps,
+            )
         elif s.task == "retrieval":
             losses = w.model(pixels, ids, mask, batch["idx"], alpha=alpha)
         else:

@@ -260,3 +260,20 @@ def test_pretrain_inbatch_itc_warmup_leaves_momentum_state_alone(tok):
     assert model.visual_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     model.copy_params()
     assert torch.equal(model.visual_encoder_m.norm.weight, model.visual_encoder.norm.weight)
+
+
+def test_pretrain_itm_warmup_draws_negatives_uniformly(tok, monkeypatch):
+    import blip.model as bm
+
+    seen: list[torch.Tensor] = []
+    draw = bm._hard_negatives
+    monkeypatch.setattr(bm, "_hard_negatives", lambda w, generator=None: seen.append(w.clone()) or draw(w, generator))
+    model = make("pretrain", tok).train()
+    ids, mask = model.tokenize(TEXTS, 30)
+    uniform = torch.ones(4, 4).fill_diagonal_(0)
+    model(images(4), ids, mask, inbatch_itc=True)
+    assert len(seen) == 2 and not any(torch.allclose(w, uniform) for w in seen)  # ITC-weighted: hard negatives
+    seen.clear()
+    out = model(images(4), ids, mask, inbatch_itc=True, random_itm_negatives=True)
+    assert len(seen) == 2 and all(torch.equal(w, uniform) for w in seen)
+    assert torch.isfinite(out["loss_itm"])
