@@ -811,9 +811,9 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
         initialisation; call `copy_params()` when switching to the momentum form.
 
         `random_itm_negatives=True` draws ITM's negatives uniformly from the batch instead of by ITC similarity. Hard
-        negatives from a well-trained ITC differ from the positive in one object or attribute; an image-grounded
-        encoder from scratch sees no gradient it can follow on them, and its ITM sits at the 1/3 prior. Easy negatives
-        first stand in, again, for the pretrained BERT the original starts from.
+        negatives often differ from the positive in one object or attribute; on them a from-scratch image-grounded
+        encoder stayed at the 1/3 prior for a whole (tiny, 375-step) pretraining. Easy negatives first stand in, again,
+        for the pretrained BERT the original starts from.
         """
         alpha = self.config.alpha if alpha is None else alpha
         with torch.no_grad():
