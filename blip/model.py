@@ -838,10 +838,11 @@ class BlipPretrain(BlipBase, ContrastiveMixin, CaptionMixin):
             self._dequeue_and_enqueue(image_feat_m, text_feat_m)
 
         with torch.no_grad():  # the in-batch (momentum) columns of the ITC similarities decide the hard negatives
-            weights_t2i = (F.softmax(text_feat @ image_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
-            weights_i2t = (F.softmax(image_feat @ text_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
             if random_itm_negatives:
-                weights_t2i = weights_i2t = torch.ones_like(weights_t2i).fill_diagonal_(0)
+                weights_t2i = weights_i2t = torch.ones(B, B, device=image_feat.device).fill_diagonal_(0)
+            else:
+                weights_t2i = (F.softmax(text_feat @ image_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
+                weights_i2t = (F.softmax(image_feat @ text_feat_m.t() / self.temp, dim=1) + 1e-4).fill_diagonal_(0)
         loss_itm = self._itm(image_embeds, input_ids, attention_mask, weights_i2t, weights_t2i)
         loss_lm = self.caption_loss(image_embeds, input_ids, attention_mask, prompt_length=0)
         return {"loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm}
