@@ -398,33 +398,44 @@ def paired_difference(base: Any, other: Any) -> dict[str, float]:
     return {"diff": float(d.mean()), "se": se, "n": len(d)}
 
 
-def _per_query(eval_dir: str) -> dict[str, list[float]]:
-    """Per test query scores of one evaluation folder (eval_retrieval.json, eval_caption.json), in percent."""
-    out: dict[str, list[float]] = {}
+def _per_query(eval_dir: str) -> dict[str, dict[str, float]]:
+    """Per test query scores of one evaluation folder (eval_retrieval.json, eval_caption.json), in percent, keyed by
+    the query (image key; image key#text for text->image). An eval JSON without query keys keys by position."""
+    out: dict[str, dict[str, float]] = {}
     for name, (task, key) in PAIRED.items():
         p = Path(eval_dir) / f"eval_{task}.json"
         if not p.is_file():
             continue
         res = json.loads(p.read_text())
         if task == "retrieval" and key in res.get("ranks", {}):
-            out[name] = [100.0 * (r < 1) for r in res["ranks"][key]]
+            ranks = res["ranks"][key]
+            keys = res.get("query_keys", {}).get(key) or [str(i) for i in range(len(ranks))]
+            out[name] = {k: 100.0 * (r < 1) for k, r in zip(keys, ranks, strict=True)}
         elif task == "caption" and key in res.get("per_image", {}):
-            each = res["per_image"][key]
-            out[name] = [each[k] for k in sorted(each)]
+            out[name] = dict(res["per_image"][key])
     return out
 
 
 def paired_differences(eval_dirs: dict[str, str], base: str = "no bootstrap") -> dict[str, dict[str, Any]]:
-    """Each row against `base` on the same test set: {row: {metric: {diff, se, n}}}, from the eval folders."""
+    """Each row against `base` on the same test set: {row: {metric: {diff, se, n}}}, from the eval folders. Queries
+    are matched by key; two rows scored on different test sets are an error, not a silent mismatch."""
     ref = _per_query(eval_dirs[base])
     out: dict[str, dict[str, Any]] = {}
     for row, d in eval_dirs.items():
         if row == base:
             continue
         mine = _per_query(d)
-        out[row] = {
-            m: paired_difference(ref[m], mine[m]) for m in PAIRED if m in ref and len(mine.get(m, [])) == len(ref[m])
-        }
+        out[row] = {}
+        for m in PAIRED:
+            if m not in ref or m not in mine:
+                continue
+            if mine[m].keys() != ref[m].keys():
+                raise ValueError(
+                    f"{m}: {d} and {eval_dirs[base]} were scored on different test queries "
+                    f"({len(mine[m])} and {len(ref[m])}, {len(mine[m].keys() ^ ref[m].keys())} not in both)"
+                )
+            keys = sorted(ref[m])
+            out[row][m] = paired_difference([ref[m][k] for k in keys], [mine[m][k] for k in keys])
     return out
 
 

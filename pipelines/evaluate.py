@@ -173,6 +173,11 @@ def evaluate(
     ds = read_eval_set(data, model.config.vision.image_size, max_samples)
     if task == "retrieval":
         res = retrieval_eval(model, ds["images"], ds["texts"], k_test, batch_size)
+        # who each rank belongs to: paired comparisons match queries by key, not by position (pipelines.bootstrap)
+        res["query_keys"] = {
+            "image_to_text": ds["keys"],
+            "text_to_image": [f"{k}#{j}" for k, ts in zip(ds["keys"], ds["texts"]) for j in range(len(ts))],
+        }
     else:
         res = caption_eval(
             model, ds["keys"], ds["images"], ds["texts"], batch_size, num_beams, max_length, min_length, ds["truth"]

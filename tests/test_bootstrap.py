@@ -288,3 +288,26 @@ def test_aggregate_seeds_mean_std_and_direction():
         )
     text = format_seeds(agg)
     assert "3 seeds (1, 2, 3)" in text and "C+F - no bootstrap" in text and "filter ROC-AUC" in text
+
+
+def test_paired_differences_match_queries_by_key_and_refuse_different_test_sets(tmp_path):
+    from pipelines.bootstrap import paired_differences
+
+    def write(name: str, keys: list[str], ranks: list[int], cider: dict[str, float]) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        qk = {"image_to_text": keys, "text_to_image": [k + "#0" for k in keys]}
+        ret = {"ranks": {"image_to_text": ranks, "text_to_image": ranks}, "query_keys": qk}
+        (d / "eval_retrieval.json").write_text(json.dumps(ret))
+        (d / "eval_caption.json").write_text(json.dumps({"per_image": {"cider": cider}}))
+        return str(d)
+
+    base = write("base", ["a", "b", "c"], [0, 3, 0], {"a": 10.0, "b": 20.0, "c": 30.0})
+    # the same hits on the same queries, listed in another order: by position a and b would differ (SE > 0)
+    other = write("other", ["b", "a", "c"], [3, 0, 0], {"c": 60.0, "b": 20.0, "a": 40.0})
+    got = paired_differences({"no bootstrap": base, "C+F": other})["C+F"]
+    assert got["TR@1"] == {"diff": 0.0, "se": 0.0, "n": 3} and got["IR@1"]["se"] == 0.0
+    assert got["CIDEr"]["diff"] == pytest.approx(20.0)  # (30 + 0 + 30) / 3
+    elsewhere = write("elsewhere", ["a", "b", "d"], [0, 0, 0], {"a": 1.0, "b": 1.0, "d": 1.0})
+    with pytest.raises(ValueError, match="different test queries"):
+        paired_differences({"no bootstrap": base, "C+F": elsewhere})

@@ -87,6 +87,9 @@ def test_retrieval_matches_brute_force(tmp_path, eval_data, tiny_vocab_dir):
     # per query ranks (for paired comparisons): each R@K is the share of ranks below K
     ranks = res["ranks"]
     assert (len(ranks["image_to_text"]), len(ranks["text_to_image"])) == (len(samples), len(texts))
+    qk = res["query_keys"]  # whose rank each one is
+    assert qk["image_to_text"] == [m["key"] for m in meta]
+    assert qk["text_to_image"] == [f"{m['key']}#{j}" for m in meta for j in range(len(m["texts"]))]
     for kk in (1, 5):
         assert res["metrics"][f"txt_r{kk}"] == pytest.approx(100 * np.mean(np.array(ranks["image_to_text"]) < kk))
         assert res["metrics"][f"img_r{kk}"] == pytest.approx(100 * np.mean(np.array(ranks["text_to_image"]) < kk))
