@@ -122,10 +122,14 @@ def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """A number setting given as YAML text -> the number: YAML 1.1 reads `5e-4` (no dot) as a string, which would
-    reach the optimizer as one. A value that is no number at all is an error here, before anything starts."""
+    reach the optimizer as one. A value that is no number at all (a bool included) is an error here, before anything
+    starts."""
     types = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types_mod.UnionType) else {hint}
-    if value is None or isinstance(value, bool) or not types & {int, float}:
+    if value is None or not types & {int, float}:
         return value
+    if isinstance(value, bool) and bool not in types:  # YAML `yes`/`true` is an int in Python: refuse it by name
+        kind = "a number" if float in types else "an integer"
+        raise ValueError(f"{name}: expected {kind}, got {value!r}")
     if float in types and isinstance(value, (int, float)):
         return float(value) if int not in types else value
     if isinstance(value, int):

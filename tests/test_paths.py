@@ -77,6 +77,8 @@ def test_number_settings_read_as_numbers(tmp_path):
     assert s.min_lr == 1e-6 and isinstance(s.min_lr, float) and s.torch_threads == 2
     assert TrainSettings.from_yaml(None, data="d", output="o", max_steps=None).max_steps is None
     for bad, message in [("init_lr=fast", "init_lr: expected a number, got 'fast'"),
-                         ("batch_size=2.5", "batch_size: expected an integer, got 2.5")]:  # fmt: skip
+                         ("batch_size=2.5", "batch_size: expected an integer, got 2.5"),
+                         ("epochs=true", "epochs: expected an integer, got True"),
+                         ("init_lr=yes", "init_lr: expected a number, got True")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             TrainSettings.from_yaml(None, data="d", output="o", **parse_set([bad]))
