@@ -41,7 +41,7 @@ format:
 
 # everything, slow tests included; each test gets at most 15 minutes
 test: browser lint
-	$(BIN)/python -m pytest -q --timeout 900
+	$(BIN)/python -m pytest -q --timeout 900 --durations=10
 
 # the quick loop while developing: skips tests marked slow
 test-fast: browser
