@@ -270,8 +270,9 @@ def test_aggregate_seeds_mean_std_and_direction():
         }
 
     def report():
-        auc = {"web_itm_auc": {"all": float(rng.random())}}
-        return {"rows": {"no bootstrap": row(), "C+F": row()}, "filter": auc}
+        f = {"web_itm_auc": {k: float(rng.random()) for k in ("all", "attribute")}}
+        f.update({k: float(rng.random()) for k in ("drop_recall", "clean_web_kept", "synthetic_kept")})
+        return {"rows": {"no bootstrap": row(), "C+F": row()}, "filter": f}
 
     reports = {s: report() for s in (3, 1, 2)}
     agg = aggregate_seeds(reports)
@@ -285,9 +286,20 @@ def test_aggregate_seeds_mean_std_and_direction():
         assert (
             agg["difference"][m]["mean"] == pytest.approx(d.mean())
             and agg["difference"][m]["cf_higher"] == (d > 0).sum()
+            and agg["difference"][m]["se"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(3))
         )
+    for k in ("drop_recall", "clean_web_kept"):
+        assert agg["filter"][k]["mean"] == pytest.approx(np.mean([reports[s]["filter"][k] for s in (3, 1, 2)]))
+    att = [reports[s]["filter"]["web_itm_auc"]["attribute"] for s in (3, 1, 2)]
+    assert agg["filter"]["web_itm_auc"]["attribute"]["std"] == pytest.approx(np.std(att, ddof=1))
     text = format_seeds(agg)
-    assert "3 seeds (1, 2, 3)" in text and "C+F - no bootstrap" in text and "filter ROC-AUC" in text
+    assert "3 seeds (1, 2, 3)" in text and "C+F - no bootstrap" in text and "mean ± SE over the 3 seeds" in text
+    assert "filter: drops" in text and "attribute" in text and "filter ROC-AUC" in text
+    # a user's own shards have no ground truth: no drop/keep line, the table still prints
+    for r in reports.values():
+        r["filter"] = {"web_itm_auc": {}}
+    text = format_seeds(aggregate_seeds(reports))
+    assert "filter: drops" not in text and "C+F higher in" in text
 
 
 def test_paired_differences_match_queries_by_key_and_refuse_different_test_sets(tmp_path):
