@@ -527,7 +527,7 @@ def aggregate_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
     n = len(reports)
     rows: dict[str, Any] = {}
-    names = [n for n in next(iter(reports.values()))["rows"] if all(n in r["rows"] for r in reports.values())]
+    names = [k for k in next(iter(reports.values()))["rows"] if all(k in r["rows"] for r in reports.values())]
     for row in names:
         rows[row] = {m: stats([_metric(r["rows"][row], sec, m) for r in reports.values()]) for sec, m, _, _ in COLUMNS}
     diff = {}
