@@ -37,7 +37,7 @@ class BootstrapConfig:
     # the synthetic world (used when `web` is not given)
     image_size: int = 64
     web_samples: int = 2000
-    noise: float = 0.4
+    noise: float = 0.5
     clean_samples: int = 400
     test_samples: int = 200
     samples_per_shard: int = 250

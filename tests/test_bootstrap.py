@@ -236,9 +236,9 @@ def test_bootstrap_set_overrides_one_key_of_a_step(tmp_path):
     from pipelines.settings import parse_set, read_yaml
 
     demo = read_yaml(ROOT / "configs" / "bootstrap_demo.yaml")
-    items = ["seed=1", "noise=0.5", "pretrain.epochs=3", "eval.k-test=4", f"workdir={tmp_path}"]
+    items = ["seed=1", "noise=0.6", "pretrain.epochs=3", "eval.k-test=4", f"workdir={tmp_path}"]
     cfg = BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(items))
-    assert (cfg.seed, cfg.noise, cfg.workdir) == (1, 0.5, str(tmp_path))
+    assert (cfg.seed, cfg.noise, cfg.workdir) == (1, 0.6, str(tmp_path))
     assert cfg.pretrain == {**demo["pretrain"], "epochs": 3} and cfg.eval == {**demo["eval"], "k_test": 4}
     with pytest.raises(ValueError, match="'seed' is not a map"):
         BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(["seed.x=1"]))
