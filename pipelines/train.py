@@ -672,7 +672,9 @@ def _init_ray(s: TrainSettings) -> None:
         return
     # local: the train workers hold CPUs for their whole life; leave at least one for the Ray Data read tasks
     need = int(math.ceil(s.workers * s.cpus_per_worker)) + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    from pipelines.local_ray import init_local_ray
+
+    init_local_ray(max(os.cpu_count() or 1, need))
 
 
 def plot_losses(output: str | Path) -> Path | None:

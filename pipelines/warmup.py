@@ -224,9 +224,9 @@ def warmup_vision(s: WarmupSettings) -> dict[str, Any]:
         else:
             import os
 
-            ray.init(
-                address="local", num_cpus=max(os.cpu_count() or 1, int(math.ceil(s.cpus))), include_dashboard=False
-            )
+            from pipelines.local_ray import init_local_ray
+
+            init_local_ray(max(os.cpu_count() or 1, int(math.ceil(s.cpus))))
     gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     task = ray.remote(_train).options(num_cpus=s.cpus, num_gpus=1 if gpu else 0, max_retries=1)
     summary = ray.get(task.remote(s))

@@ -1,0 +1,37 @@
+"""Ray started in-process (a laptop, CI, the demo), the same way for every training command.
+
+Without the dashboard (it would cost memory and a core's share on a small machine) Ray has no State API, and Ray
+Train's placement-group cleaner, a safety net that polls whether the train controller still lives, then logs
+"Failed to query Ray Train Controller actor state" about once a second for the whole fit(): hundreds of lines in
+`make demo`. The workers' setup hook drops that one message; every other log line stays.
+"""
+
+from __future__ import annotations
+
+import logging
+
+_PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+_STATE_API_WARNING = "Failed to query Ray Train Controller actor state"
+
+
+class _DropStateApiWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_STATE_API_WARNING)
+
+
+def quiet_worker_logs() -> None:
+    """Ray's `worker_process_setup_hook`: runs once in every worker process of the job (actors included)."""
+    log = logging.getLogger(_PG_CLEANER_LOGGER)
+    if not any(isinstance(f, _DropStateApiWarning) for f in log.filters):
+        log.addFilter(_DropStateApiWarning())
+
+
+def init_local_ray(num_cpus: int) -> None:
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        runtime_env={"worker_process_setup_hook": "pipelines.local_ray.quiet_worker_logs"},
+    )
