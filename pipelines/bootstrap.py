@@ -546,6 +546,11 @@ def aggregate_seeds(reports: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return {"seeds": sorted(reports), "rows": rows, "difference": diff, "filter": filt, "filter_auc": auc}
 
 
+def _se(se: float) -> str:
+    """One decimal, or two when one would print a seed spread of 0.0 (three seeds that agree to 0.1)."""
+    return f"{se:.2f}" if se < 0.05 else f"{se:.1f}"
+
+
 def format_seeds(agg: dict[str, Any]) -> str:
     n = len(agg["seeds"])
     lines = [f"mean ± std over {n} seeds ({', '.join(map(str, agg['seeds']))})"]
@@ -558,7 +563,7 @@ def format_seeds(agg: dict[str, Any]) -> str:
     d = agg["difference"]
     lines.append(
         f"C+F - no bootstrap, mean ± SE over the {n} seeds (std/√{n}): "
-        + ", ".join(f"{h} {d[m]['mean']:+.1f} ± {d[m]['se']:.1f}" for _, m, h, _ in COLUMNS)
+        + ", ".join(f"{h} {d[m]['mean']:+.1f} ± {_se(d[m]['se'])}" for _, m, h, _ in COLUMNS)
     )
     f = agg.get("filter") or {}
     if f and not math.isnan(f["drop_recall"]["mean"]):  # the web corpus has ground truth (the synthetic world's)

@@ -295,6 +295,9 @@ def test_aggregate_seeds_mean_std_and_direction():
     text = format_seeds(agg)
     assert "3 seeds (1, 2, 3)" in text and "C+F - no bootstrap" in text and "mean ± SE over the 3 seeds" in text
     assert "filter: drops" in text and "attribute" in text and "filter ROC-AUC" in text
+    _, m0, h0, _ = COLUMNS[0]
+    agg["difference"][m0].update(mean=5.1, se=0.04)  # seeds that agree: the SE is not rounded to 0.0
+    assert f"{h0} +5.1 ± 0.04," in format_seeds(agg)
     # a user's own shards have no ground truth: no drop/keep line, the table still prints
     for r in reports.values():
         r["filter"] = {"web_itm_auc": {}}
