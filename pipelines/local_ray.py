@@ -1,4 +1,4 @@
-"""Ray started in-process (a laptop, CI, the demo), the same way for every training command.
+"""Ray for the training commands: a cluster's address, or Ray started in-process (a laptop, CI, the demo).
 
 Without the dashboard (it would cost memory and a core's share on a small machine) Ray has no State API, and Ray
 Train's placement-group cleaner, a safety net that polls whether the train controller still lives, then logs
@@ -26,12 +26,20 @@ def quiet_worker_logs() -> None:
         log.addFilter(_DropStateApiWarning())
 
 
-def init_local_ray(num_cpus: int) -> None:
+def init_ray(address: str | None, min_cpus: int) -> None:
+    """Join `address` (a cluster), or start Ray in-process with at least `min_cpus` CPUs; a no-op when Ray is up."""
+    import os
+
     import ray
 
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+        return
     ray.init(
         address="local",
-        num_cpus=num_cpus,
+        num_cpus=max(os.cpu_count() or 1, min_cpus),
         include_dashboard=False,
         runtime_env={"worker_process_setup_hook": "pipelines.local_ray.quiet_worker_logs"},
     )

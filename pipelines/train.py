@@ -663,18 +663,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _init_ray(s: TrainSettings) -> None:
-    import ray
+    from pipelines.local_ray import init_ray
 
-    if ray.is_initialized():
-        return
-    if s.address:
-        ray.init(address=s.address)
-        return
     # local: the train workers hold CPUs for their whole life; leave at least one for the Ray Data read tasks
-    need = int(math.ceil(s.workers * s.cpus_per_worker)) + 1
-    from pipelines.local_ray import init_local_ray
-
-    init_local_ray(max(os.cpu_count() or 1, need))
+    init_ray(s.address, int(math.ceil(s.workers * s.cpus_per_worker)) + 1)
 
 
 def plot_losses(output: str | Path) -> Path | None:

@@ -215,18 +215,12 @@ def warmup_vision(s: WarmupSettings) -> dict[str, Any]:
     """Train the ViT in one Ray task; writes `output/vision.safetensors`, `log.jsonl`, `warmup_summary.json`."""
     import ray
 
+    from pipelines.local_ray import init_ray
+
     s.resolve_paths()
     s.validate()
     Path(s.output).mkdir(parents=True, exist_ok=True)
-    if not ray.is_initialized():
-        if s.address:
-            ray.init(address=s.address)
-        else:
-            import os
-
-            from pipelines.local_ray import init_local_ray
-
-            init_local_ray(max(os.cpu_count() or 1, int(math.ceil(s.cpus))))
+    init_ray(s.address, int(math.ceil(s.cpus)))
     gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
     task = ray.remote(_train).options(num_cpus=s.cpus, num_gpus=1 if gpu else 0, max_retries=1)
     summary = ray.get(task.remote(s))
