@@ -479,6 +479,10 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
 @click.option("--seed", type=int, default=None, help="Caption seed (combined with each sample key).")
 @storage_options_option
 @click.option("--no-progress", is_flag=True, help="No progress bars or per-shard lines; only the final summary.")
+@click.option(
+    "--overwrite", is_flag=True, help="The output was made by other models/settings/input: remove it, start over."
+)
+@click.option("--prune", is_flag=True, help="Remove the outputs of shards that are no longer in the input.")
 @friendly_errors
 def run(
     input_: str,
@@ -487,13 +491,17 @@ def run(
     config_path: str | None,
     storage_options: dict[str, Any] | None,
     no_progress: bool,
+    overwrite: bool,
+    prune: bool,
     **kw: Any,
 ) -> None:
     """CapFilt over img2dataset shards: synthetic captions + ITM/ITC filter -> per-sample parquet + kept-sample tars.
 
-    Exit status 0 when every shard is done, 2 when any shard failed (reported in summary.json), 1 on a bad setup.
+    Exit status 0 when every shard is done, 2 when any shard failed (reported in summary.json), 1 on a bad setup
+    (also: the output is in use by another job, or was made by other models, settings or input), 130 when
+    interrupted (Ctrl-C, SIGTERM; rerun the same command to resume).
     """
-    from pipelines.run import load_config, run_capfilt
+    from pipelines.run import JobInterrupted, load_config, run_capfilt
 
     cfg = load_config(
         config_path,
@@ -502,9 +510,14 @@ def run(
         filter=filter_,
         storage_options=storage_options,
         progress=False if no_progress else None,
+        overwrite=overwrite or None,
+        prune=prune or None,
         **kw,
     )
-    summary = run_capfilt(cfg)
+    try:
+        summary = run_capfilt(cfg)
+    except (JobInterrupted, KeyboardInterrupt):  # the job said how far it got; before Ray starts there is nothing
+        sys.exit(130)
     if summary["failed_shards"]:
         sys.exit(2)
 

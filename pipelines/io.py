@@ -41,10 +41,17 @@ READ_FIELDS = (
     "image_ext",
     "json",  # img2dataset metadata (and the synthetic ground truth), as JSON text
     "note",  # a read problem with this sample's text or metadata (non-UTF-8 caption, bad .json)
+    "duplicate_of",  # idx of the earlier sample with this key in the shard (the row becomes a `duplicate_key` row)
 )
 
 
 # ------------------------------------------------------------------------------------------------ finding shards
+
+
+# a tar shard, plain or compressed (webdataset reads them all; tarfile's stream mode decompresses gz, bz2 and xz);
+# anything else named like a tar is still listed, and its shard fails with the reason instead of vanishing
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz", ".tbz2", ".tar.xz", ".txz")
+_TARLIKE = re.compile(r"\.(tar(\.(gz|bz2|xz|zst|zstd|lz4|lzma|br))?|tgz|tbz2?|txz)$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,29 @@ class Shard:
     path: str  # full URL or local path, as fsspec opens it
     name: str  # deterministic output stem, derived from the input file name
     format: str  # "tar" | "parquet"
+    fingerprint: str | None = None  # the input file's identity when listed: size + ETag / generation / mtime
+
+
+def shard_suffix(path: str) -> str:
+    """The shard suffix of a file name (`.tar`, `.tar.gz`, `.tgz`, `.parquet`, ...); "" when it is no shard."""
+    m = _TARLIKE.search(path)
+    if m:
+        return m.group(0)
+    return ".parquet" if path.endswith(".parquet") else ""
+
+
+def fingerprint(info: dict[str, Any]) -> str:
+    """An input file's identity from its listing entry, no read needed: the size plus the store's version marker
+    (S3 ETag, GCS generation, Azure etag; local files: mtime in ns)."""
+    parts = [f"size={info.get('size')}"]
+    for k in ("ETag", "etag", "generation", "mtime", "LastModified", "last_modified", "updated"):
+        if info.get(k) is not None:
+            v = info[k]
+            if k == "mtime" and isinstance(v, float):
+                v = int(v * 1e9)
+            parts.append(f"{k.lower()}={str(v).strip(chr(34))}")
+            break
+    return ",".join(parts)
 
 
 def _fs_and_path(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -71,48 +101,67 @@ def list_shards(
     formats: tuple[str, ...] = ("tar", "parquet"),
     recursive: bool = False,
 ) -> list[Shard]:
-    """`--input` (a folder, a glob, or one file; local or any fsspec URL) -> sorted shards. The one shard lister:
-    `capfilt run`, training data (`formats=("tar",), recursive=True`) and the report use it.
+    """`--input` (a folder, a glob, or one file; local or any fsspec URL) -> sorted shards, each with the fingerprint
+    of its file. The one shard lister: `capfilt run`, training data (`formats=("tar",), recursive=True`) and the report
+    use it.
 
-    A folder means its `*.tar` files (img2dataset webdataset output; the sidecar `.parquet` files are metadata), or
-    its `*.parquet` files when it has no tars (img2dataset parquet output); with `recursive`, those of every
-    sub-folder too. Raises FileNotFoundError when nothing matches, so the CLI can say so before Ray starts.
+    A folder (or glob) means its tar shards (`.tar`, and compressed: `.tar.gz`, `.tgz`, `.tar.bz2`, `.tar.xz`), or
+    its `.parquet` files when it has no tars (with tars they are img2dataset's metadata sidecars); with `recursive`,
+    those of every sub-folder too. Nothing that looks like a shard is dropped: a file named like a tar
+    that cannot be read fails as a shard, with the reason. Raises FileNotFoundError when nothing matches, so the CLI
+    can say so before Ray starts.
     """
     fs, path = _fs_and_path(input, storage_options)
     if _GLOB_CHARS.search(path):
-        paths = sorted(p for p in fs.glob(path) if not fs.isdir(p))
+        infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
     elif fs.isdir(path):
-        files = sorted(fs.find(path) if recursive else fs.ls(path, detail=False))
-        files = [p for p in files if not posixpath.basename(p).startswith(".")]
-        paths = [p for p in files if p.endswith(".tar")] or [p for p in files if p.endswith(".parquet")]
+        listing = fs.find(path, detail=True) if recursive else {i["name"]: i for i in fs.ls(path, detail=True)}
+        infos = {
+            p: i
+            for p, i in listing.items()
+            if i.get("type") != "directory" and not posixpath.basename(p).startswith(".")
+        }
     elif fs.isfile(path):
-        paths = [path]
+        infos = {path: fs.info(path)}
     else:
         raise FileNotFoundError(f"input {input!r} does not exist")
-    tars = {posixpath.splitext(p)[0] for p in paths if p.endswith(".tar")}
-    # a glob like dir/* also matches img2dataset's sidecars (NNNNN.parquet next to NNNNN.tar): drop those
-    paths = [
-        p for p in paths if p.endswith(".tar") or (p.endswith(".parquet") and posixpath.splitext(p)[0] not in tars)
-    ]
-    paths = [p for p in paths if posixpath.splitext(p)[1][1:] in formats]
+    infos = {p.rstrip("/"): i for p, i in infos.items()}
+    paths = sorted(p for p in infos if shard_suffix(p))
+    # with tars, the .parquet files are img2dataset's sidecars (NNNNN.parquet next to NNNNN.tar: metadata, no images)
+    if any(shard_suffix(p) != ".parquet" for p in paths):
+        paths = [p for p in paths if shard_suffix(p) != ".parquet"]
+    paths = [p for p in paths if ("parquet" if shard_suffix(p) == ".parquet" else "tar") in formats]
     if not paths:
-        raise FileNotFoundError(f"no {' or '.join('.' + f for f in formats)} shards found at {input!r}")
-    return [Shard(_unstrip(fs, p), n, "tar" if p.endswith(".tar") else "parquet") for p, n in zip(paths, _names(paths))]
+        kinds = " or ".join(".tar (.tar.gz, .tgz, ...)" if f == "tar" else "." + f for f in formats)
+        raise FileNotFoundError(f"no {kinds} shards found at {input!r}")
+    return [
+        Shard(_unstrip(fs, p), n, "parquet" if p.endswith(".parquet") else "tar", fingerprint(infos[p]))
+        for p, n in zip(paths, _names(paths))
+    ]
 
 
 def _names(paths: list[str]) -> list[str]:
-    """Output stems: the file stem, or the path below the common folder when stems collide (a glob over folders)."""
-    stems = [posixpath.splitext(posixpath.basename(p))[0] for p in paths]
-    if len(set(stems)) == len(stems):
-        return stems
-    common = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
-    return [posixpath.splitext(posixpath.relpath(p, common))[0].replace("/", "__") for p in paths]
+    """Output stems: the file name without its shard suffix, or the path below the common folder when stems collide
+    (a glob over folders); a name still taken (`00001.tar` next to `00001.tar.gz`) keeps its suffix as `_tar_gz`."""
+    stems = [posixpath.basename(p)[: -len(shard_suffix(p))] for p in paths]
+    if len(set(stems)) != len(stems):
+        common = posixpath.commonpath(paths) if len(paths) > 1 else posixpath.dirname(paths[0])
+        stems = [posixpath.relpath(p, common)[: -len(shard_suffix(p))].replace("/", "__") for p in paths]
+    if len(set(stems)) != len(stems):
+        seen = {s: stems.count(s) for s in stems}
+        stems = [
+            s + shard_suffix(p).replace(".", "_") if seen[s] > 1 and shard_suffix(p) != ".tar" else s
+            for s, p in zip(stems, paths)
+        ]
+    return stems
 
 
 # ------------------------------------------------------------------------------------------------ reading shards
 
 
-def _sample_row(shard: str, idx: int, key: str, files: dict[str, bytes]) -> dict[str, Any]:
+def _sample_row(
+    shard: str, idx: int, key: str, files: dict[str, bytes], duplicate_of: int | None = None
+) -> dict[str, Any]:
     """A sample's tar members (by extension) -> a READ_FIELDS row; problems with its text become a `note`."""
     image_ext = next((e for e in IMAGE_EXTS if e in files), None)
     caption, note = None, None
@@ -141,6 +190,7 @@ def _sample_row(shard: str, idx: int, key: str, files: dict[str, bytes]) -> dict
         "image_ext": image_ext,
         "json": meta_text,
         "note": note,
+        "duplicate_of": duplicate_of,
     }
 
 
@@ -179,6 +229,9 @@ def iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, dic
     """The one tar sample iterator (run, training data, report): (key, {ext: bytes}) per sample, consecutive members
     grouped by `member_key`; streaming (`r|`), so S3 is read once, front to back.
 
+    A member whose extension the current sample already has (`c.jpg c.jpg c.txt`) starts a new sample with the same
+    key (webdataset raises "duplicate file name" there): nothing is dropped, the reader marks the repeat.
+
     A tar cut exactly at a member boundary reads like a complete one to `tarfile`; an uncompressed tar of known `size`
     must still hold its end-of-archive marker (two zero blocks) after the last member, or it is reported truncated.
     """
@@ -190,7 +243,7 @@ def iter_tar_samples(f: Any, size: int | None = None) -> Iterator[tuple[str, dic
                 continue
             k, ext = ke
             data = tf.extractfile(member).read()  # raises tarfile.ReadError when the tar is cut inside this member
-            if k != key and key is not None:
+            if key is not None and (k != key or ext in files):
                 yield key, files
                 files = {}
             key = k
@@ -217,13 +270,17 @@ class ShardReader:
         self.error: str | None = None
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        first: dict[str, int] = {}  # key -> idx of its first sample: a repeat is marked, never merged or dropped
         try:
             fs, path = _fs_and_path(self.shard.path, self.storage_options)
+            tar = self.shard.format == "tar"
+            if tar and not path.endswith(TAR_SUFFIXES):
+                raise ValueError(f"cannot read a {shard_suffix(path)} shard (readable: {', '.join(TAR_SUFFIXES)})")
             with fs.open(path, "rb") as f:
-                tar = self.shard.format == "tar"
                 samples = iter_tar_samples(f, fs.size(path)) if tar else _iter_parquet_samples(f)
                 for key, files in samples:
-                    yield _sample_row(self.shard.name, self.count, key, files)
+                    yield _sample_row(self.shard.name, self.count, key, files, first.get(key))
+                    first.setdefault(key, self.count)
                     self.count += 1
         except Exception as e:  # noqa: BLE001 - any reader failure is this shard's failure, reported in the summary
             self.error = f"{type(e).__name__}: {e} (after {self.count} samples)"
@@ -377,10 +434,18 @@ class ShardWriter:
     at commit. `commit()` writes the parquet, then the state file `_state/{shard}.json` last: the commit point.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, shard: str, attempt: int = 0) -> None:
+    def __init__(
+        self,
+        fs: fsspec.AbstractFileSystem,
+        root: str,
+        shard: str,
+        attempt: int = 0,
+        record: dict[str, Any] | None = None,
+    ) -> None:
         import webdataset as wds
 
         self.fs, self.root, self.shard, self.attempt = fs, root, shard, attempt
+        self.record = record or {}  # written into the state file as is: the input's fingerprint, who computed it
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
         self.tar_file = AtomicFile(fs, posixpath.join(root, "tars", f"{shard}.tar"), attempt)
@@ -420,6 +485,7 @@ class ShardWriter:
         stats = shard_stats(self.rows, self.shard, read_error)
         stats["seconds"] = round(time.time() - self.started, 3)
         stats["attempt"] = self.attempt
+        stats.update(self.record)
         state = json.dumps(stats).encode("utf-8")
         write_bytes_atomic(self.fs, state_path(self.root, self.shard), state, self.attempt)
         return stats
@@ -451,9 +517,11 @@ def write_parquet_atomic(
     af.commit()
 
 
-def write_failed_state(fs: fsspec.AbstractFileSystem, root: str, shard: str, error: str) -> dict[str, Any]:
+def write_failed_state(
+    fs: fsspec.AbstractFileSystem, root: str, shard: str, error: str, input_fingerprint: str | None = None
+) -> dict[str, Any]:
     """A shard that could not be processed at all: its state says failed (and why), so a rerun retries it."""
-    record = {"shard": shard, "state": "failed", "error": error, "in": 0}
+    record = {"shard": shard, "state": "failed", "error": error, "in": 0, "input": input_fingerprint}
     write_bytes_atomic(fs, state_path(root, shard), json.dumps(record).encode("utf-8"))
     return record
 
@@ -491,6 +559,7 @@ def shard_stats(rows: list[dict[str, Any]], shard: str, read_error: str | None) 
         "dropped": sum(1 for o, k in zip(ok, kept) if o and not k),
         "decode_errors": sum(1 for s in status if s == "decode_error"),
         "other_errors": sum(1 for s in status if s not in ("ok", "decode_error")),
+        "duplicate_keys": sum(1 for s in status if s == "duplicate_key"),  # also counted in other_errors
         "web_kept": web_kept,
         "synthetic_kept": synthetic_kept,
         "histograms": hists,
@@ -519,9 +588,10 @@ def read_states(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str,
     return {s["shard"]: s for s in iter_states(fs, root)}
 
 
-def clean_tmp(fs: fsspec.AbstractFileSystem, root: str) -> int:
+def clean_tmp(fs: fsspec.AbstractFileSystem, root: str, before: float | None = None) -> int:
     """Remove what a killed run left: local temporaries, or the incomplete multipart uploads under `root` on S3
-    (never visible as objects, but billed). Call it before any worker writes; returns how many were removed."""
+    (never visible as objects, but billed), only those older than `before` (a time.time(); the moment this job took
+    the output's lease: never a live job's). Call it before any worker writes; returns how many were removed."""
     removed = 0
     if _is_local(fs):
         for sub in ("parquet", "tars", "_state", ""):
@@ -529,13 +599,65 @@ def clean_tmp(fs: fsspec.AbstractFileSystem, root: str) -> int:
             if fs.isdir(d):
                 for p in fs.ls(d, detail=False):
                     if posixpath.basename(p).startswith(".") and p.endswith(".tmp"):
-                        fs.rm(p)
-                        removed += 1
+                        try:
+                            if before is None or os.path.getmtime(p) < before:
+                                fs.rm(p)
+                                removed += 1
+                        except FileNotFoundError:  # its writer renamed or removed it meanwhile
+                            pass
         return removed
     if hasattr(fs, "list_multipart_uploads"):  # s3fs
         bucket, _, prefix = root.partition("/")
         for up in fs.list_multipart_uploads(bucket):
+            started = up.get("Initiated")
+            if before is not None and started is not None and started.timestamp() >= before:
+                continue
             if up["Key"].startswith(prefix.rstrip("/") + "/"):
                 fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
                 removed += 1
     return removed
+
+
+# ------------------------------------------------------------------------------------------------ reaching a store
+
+
+class StorageError(OSError):
+    """A store that cannot be reached or used (connection, credentials, permissions): one `error:` line."""
+
+
+def check_store(url: str, storage_options: dict[str, Any] | None, role: str, timeout: float = 8.0) -> None:
+    """One cheap call on the store behind `url` (does the path exist?), bounded: few retries, short connection
+    timeouts, and a deadline for stores without such options. Raises StorageError naming the URL and the cause, so an
+    unreachable endpoint or bad credentials are reported in seconds, before Ray starts, not after the client's retries
+    (botocore's and s3fs's together: ~30 s and a 150-line traceback)."""
+    import threading
+
+    so = dict(storage_options or {})
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        config = dict(so.get("config_kwargs") or {})
+        config.setdefault("connect_timeout", 3)
+        config.setdefault("read_timeout", 5)
+        config["retries"] = {"max_attempts": 2, "mode": "standard"}
+        so.update(config_kwargs=config)
+    result: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            fs, path = fsspec.core.url_to_fs(url, skip_instance_cache=True, **so)
+            if protocol in ("s3", "s3a"):
+                fs.retries = 1  # s3fs's own retries (5, with back-off) on top of botocore's
+            fs.exists(path)
+            result.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported below, whatever the client raised
+            result.append(e)
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout)
+    if not result:
+        raise StorageError(f"{role} {url}: no answer from the store within {timeout:.0f} s")
+    e = result[0]
+    if e is not None:
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise StorageError(f"{role} {url}: cannot reach the store ({type(e).__name__}: {text[:300]})") from None

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import pickle
 import posixpath
+import signal
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,18 @@ import fsspec
 
 from capfilt.decode import DEFAULT_MAX_PIXELS
 from capfilt.stages import CapFiltSettings
-from pipelines.io import Shard, clean_tmp, iter_states, list_shards, write_failed_state
+from pipelines.io import Shard, check_store, clean_tmp, iter_states, list_shards, write_failed_state
+from pipelines.lease import Lease, LeaseHeld
+from pipelines.manifest import (
+    build_manifest,
+    differences,
+    has_run_outputs,
+    output_shards,
+    read_manifest,
+    remove_outputs,
+    remove_shard_outputs,
+    write_manifest,
+)
 from pipelines.settings import CONFIG_DIR, load_settings, resolve_path
 from pipelines.summary import SummaryBuilder, format_summary, write_summary
 from pipelines.worker import ShardProcessor, WorkerSettings
@@ -59,6 +74,9 @@ class RunConfig(CapFiltSettings):
     address: str | None = None  # Ray cluster address ("auto"); None: start Ray in this process
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for input and output (s3 endpoint)
     progress: bool = True  # a progress bar (shards, samples/s) and a line per failed shard
+    overwrite: bool = False  # the output was made by other models/settings/input: remove it and start over
+    prune: bool = False  # remove the outputs of shards that are no longer in the input
+    lease_timeout: float = 120.0  # s without a heartbeat after which another job's lease on the output is stale
 
     def resolve_paths(self) -> None:
         """Local input/output/model folders -> absolute: the actors' working directory is not ours."""
@@ -78,6 +96,7 @@ class RunConfig(CapFiltSettings):
             (self.prefetch_batches >= 1, f"prefetch_batches must be >= 1, got {self.prefetch_batches}"),
             (self.retries >= 0, f"retries must be >= 0, got {self.retries}"),
             (self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}"),
+            (self.lease_timeout > 0, f"lease_timeout must be > 0, got {self.lease_timeout}"),
             (isinstance(self.storage_options, dict), "storage_options must be a mapping"),
             (bool(self.input), "no --input given"),
             (bool(self.output), "no --output given"),
@@ -115,7 +134,11 @@ class CapFiltWorker:
     """The Ray actor around a ShardProcessor (models loaded once per actor); threaded: shard calls overlap."""
 
     def __init__(self, processor_cls: type, stage_settings: dict[str, Any], settings: WorkerSettings) -> None:
+        import ray
+
         self.processor = processor_cls(stage_settings, settings)
+        ctx = ray.get_runtime_context()
+        self.processor.identity = {"node": ctx.get_node_id(), "actor": ctx.get_actor_id()}
         self.processor.setup()
 
     def ready(self) -> str:
@@ -143,49 +166,129 @@ class _Actor:
 # ------------------------------------------------------------------------------------------------ the job
 
 
+class JobInterrupted(Exception):
+    """SIGINT / SIGTERM during a run: the actors are stopped and the lease released; the CLI exits 130."""
+
+
 def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardProcessor) -> dict[str, Any]:
     """Run (or resume) the job. Returns the summary dict; `summary["failed_shards"]` non-empty means exit non-zero.
 
-    Everything that can be checked without Ray is checked first: input shards, output folder, both models (with
-    their tokenizers). `processor_cls` is the per-actor worker (a ShardProcessor subclass in fault tests).
+    Everything that can be checked without Ray is checked first: both stores, input shards, both models (with their
+    tokenizers), the output's lease and manifest. `processor_cls` is the per-actor worker (a ShardProcessor subclass
+    in fault tests). Raises JobInterrupted on SIGINT/SIGTERM (after stopping the actors and releasing the lease).
     """
-    import ray
-
     echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg.resolve_paths()  # also for a RunConfig built in code: the actors do not share our working directory
     cfg.validate()
     so = cfg.storage_options
+    check_store(cfg.input, so, "input")
+    check_store(cfg.output, so, "output")
     shards = list_shards(cfg.input, so)
     cap_cfg = model_config(cfg.captioner, "captioner")
     filt_cfg = model_config(cfg.filter, "filter")
     image_size = max(cap_cfg.vision.image_size, filt_cfg.vision.image_size)
     out_fs, root = fsspec.core.url_to_fs(cfg.output, **so)
     root = root.rstrip("/")
+    lease = Lease(out_fs, root, timeout=cfg.lease_timeout).acquire()
+    try:
+        if lease.took_over:
+            echo(f"  took over the output's stale lease ({lease.describe(lease.took_over)})")
+        return _run_locked(cfg, shards, image_size, out_fs, root, lease, echo, processor_cls)
+    finally:
+        lease.release()
+
+
+def _open_corpus(cfg: RunConfig, out_fs: Any, root: str, echo: Any) -> None:
+    """Compare this run with the folder's manifest: the same corpus resumes; another is refused, or with
+    `overwrite` removed first. A new folder gets its manifest before any shard is written."""
+    old = read_manifest(out_fs, root)
+    new = build_manifest(cfg, old)
+    if old is None and has_run_outputs(out_fs, root) and not cfg.overwrite:
+        raise ValueError(
+            f"{cfg.output} holds the outputs of a run without a manifest (_run.json: an earlier capfilt), so they "
+            "cannot be checked against these models and settings; use another --output, or --overwrite to remove "
+            "them and start over"
+        )
+    diffs = differences(old, new) if old is not None else []
+    if diffs and not cfg.overwrite:
+        raise ValueError(
+            f"{cfg.output} was made by another run ({'; '.join(diffs)}); a rerun must use the same models, settings "
+            "and input: use another --output, or --overwrite to remove what the other run made and start over"
+        )
+    if cfg.overwrite and (old is not None or has_run_outputs(out_fs, root)):
+        remove_outputs(out_fs, root)
+        echo(f"  --overwrite: removed the earlier run's outputs from {cfg.output}")
+        old = None
+    if old is None or new["models"] != old["models"]:  # new, or digests reused: keep the file stamps current
+        write_manifest(out_fs, root, new if old is None else {**old, "models": new["models"]})
+
+
+def _run_locked(
+    cfg: RunConfig,
+    shards: list[Shard],
+    image_size: int,
+    out_fs: Any,
+    root: str,
+    lease: Lease,
+    echo: Any,
+    processor_cls: type,
+) -> dict[str, Any]:
+    import ray
+
+    _open_corpus(cfg, out_fs, root, echo)
     for sub in ("parquet", "tars", "_state"):
         out_fs.makedirs(posixpath.join(root, sub), exist_ok=True)
-    clean_tmp(out_fs, root)  # before any worker writes: what is left now is a killed run's
+    clean_tmp(out_fs, root, before=lease.started)  # before any worker writes: only what a dead job left
     # the summary is built as records come (histograms merged, records dropped): driver memory ~ shards, not samples
     builder, by_name = SummaryBuilder(), {s.name: s for s in shards}
+    orphans = sorted(output_shards(out_fs, root) - set(by_name))
+    if orphans and cfg.prune:
+        for name in orphans:
+            remove_shard_outputs(out_fs, root, name)
+        echo(f"  --prune: removed the outputs of {len(orphans)} shard(s) no longer in the input: {_names(orphans)}")
+        orphans = []
+    changed = []
     for st in iter_states(out_fs, root):
-        if st.get("state") == "done" and st["shard"] in by_name:
-            builder.add(st["shard"], by_name[st["shard"]].path, st)
+        name = st["shard"]
+        if name in by_name and st.get("state") == "done":
+            if st.get("input") == by_name[name].fingerprint:
+                builder.add(name, by_name[name].path, st)
+            else:  # the input file was replaced since this shard was done: recompute it
+                changed.append(name)
+        elif name in orphans:
+            builder.add(name, None, st, orphan=True)
+    for name in orphans:
+        if name not in builder.names:  # outputs without a state record (a shard that never committed)
+            builder.add(name, None, {"state": "failed", "error": "no state record"}, orphan=True)
     todo = [s for s in shards if s.name not in builder.names]
     skipped = len(shards) - len(todo)
-    echo(f"capfilt run: {len(shards)} shards ({skipped} already done, {len(todo)} to do) -> {cfg.output}")
+    note = f"; {len(changed)} changed since done, recomputed: {_names(changed)}" if changed else ""
+    echo(f"capfilt run: {len(shards)} shards ({skipped} already done, {len(todo)} to do{note}) -> {cfg.output}")
+    if orphans:
+        echo(
+            f"  warning: {len(orphans)} shard(s) in the output are no longer in the input: {_names(orphans)}; their "
+            "rows stay in the output and the summary (rerun with --prune to remove them)"
+        )
 
-    t0, n_rows = time.time(), 0
+    t0, n_rows, interrupted = time.time(), 0, False
     driver: dict[str, Any] = {"records": 0, "record_bytes": 0, "heartbeats": 0, "cpu_seconds": 0.0}
     driver.update(retries=0, workers_lost=0)
     if todo:
-        started_ray = False
-        if not ray.is_initialized():
-            ray.init(address=cfg.address, log_to_driver=cfg.progress, include_dashboard=False)
-            started_ray = True
+        started_ray, sched = False, None
         try:
-            for rec in _schedule(cfg, todo, image_size, out_fs, root, echo, processor_cls, driver):
-                builder.add(rec["shard"], by_name[rec["shard"]].path, rec)
-                n_rows += int(rec.get("in", 0))
+            with _interrupts():
+                if not ray.is_initialized():
+                    ray.init(address=cfg.address, log_to_driver=cfg.progress, include_dashboard=False)
+                    started_ray = True
+                sched = _schedule(cfg, todo, image_size, out_fs, root, echo, processor_cls, driver, lambda: lease.lost)
+                for rec in sched:
+                    builder.add(rec["shard"], by_name[rec["shard"]].path, rec)
+                    n_rows += int(rec.get("in", 0))
+        except KeyboardInterrupt:
+            interrupted = True
         finally:
+            if sched is not None:
+                sched.close()  # its own finally stops the actors
             if started_ray:
                 ray.shutdown()
     elapsed = time.time() - t0
@@ -195,7 +298,13 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "storage_options")}
     head = {"input": cfg.input, "output": cfg.output, "captioner": cfg.captioner, "filter": cfg.filter}
     summary = builder.build(
-        {**head, "settings": settings, "shards_skipped": skipped},
+        {
+            **head,
+            "settings": settings,
+            "shards_skipped": skipped,
+            "shards_changed": changed,
+            "interrupted": interrupted,
+        },
         {
             "seconds": round(elapsed, 2),
             "rows_this_run": n_rows,
@@ -204,8 +313,39 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
         },
     )
     write_summary(out_fs, root, summary, cfg.threshold)
+    if interrupted:  # counted on disk: a shard may have committed after the driver stopped listening
+        done = sum(
+            1
+            for st in iter_states(out_fs, root)
+            if st["shard"] in by_name
+            and st.get("state") == "done"
+            and st.get("input") == by_name[st["shard"]].fingerprint
+        )
+        echo(f"interrupted: {done}/{len(shards)} shards done; rerun the same command to resume")
+        raise JobInterrupted(f"{done}/{len(shards)} shards done")
     echo(format_summary(summary))
     return summary
+
+
+def _names(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+@contextmanager
+def _interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler's stop, `kill`) ends the job like Ctrl-C: as a KeyboardInterrupt in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def pool_shape(cfg: RunConfig, cluster_gpus: int) -> tuple[int, str, dict[str, Any], int, int]:
@@ -229,8 +369,10 @@ def _schedule(
     echo: Any,
     processor_cls: type,
     driver: dict[str, Any],
+    lost: Any = lambda: None,
 ) -> Any:
-    """Feed shards to a fixed actor pool; yield each shard's state record as it commits (or finally fails)."""
+    """Feed shards to a fixed actor pool; yield each shard's state record as it commits (or finally fails).
+    `lost()` says why the job must stop (its lease on the output was taken over), or None."""
     import ray
     from ray.exceptions import RayError, RayTaskError
     from tqdm import tqdm
@@ -279,13 +421,15 @@ def _schedule(
             queue.appendleft(shard)
             return None
         msg = f"gave up after {attempts[shard.name]} attempts: {error}"
-        return write_failed_state(out_fs, root, shard.name, msg)
+        return write_failed_state(out_fs, root, shard.name, msg, shard.fingerprint)
 
     for _ in range(n_actors):
         start_actor()
     bar = tqdm(total=len(todo), unit="shard", disable=not cfg.progress, file=sys.stderr, dynamic_ncols=True)
     try:
         while queue or inflight:
+            if lost():  # another job took the output over (this one looked dead to it): stop writing
+                raise LeaseHeld(f"stopped: {lost()}")
             for aid, a in actors.items():
                 while queue and len(a.inflight) < per_actor:
                     shard = queue.popleft()

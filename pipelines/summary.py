@@ -15,7 +15,17 @@ import numpy as np
 
 from pipelines.io import HIST_BINS, HIST_RANGES, write_bytes_atomic
 
-COUNT_KEYS = ("in", "ok", "kept", "dropped", "decode_errors", "other_errors", "web_kept", "synthetic_kept")
+COUNT_KEYS = (
+    "in",
+    "ok",
+    "kept",
+    "dropped",
+    "decode_errors",
+    "other_errors",
+    "duplicate_keys",
+    "web_kept",
+    "synthetic_kept",
+)
 
 
 class SummaryBuilder:
@@ -27,15 +37,25 @@ class SummaryBuilder:
         self.per_shard: list[dict[str, Any]] = []
         self.failed: list[dict[str, Any]] = []
         self.names: set[str] = set()
+        self.orphans: list[str] = []
 
-    def add(self, name: str, path: str, state: dict[str, Any] | None) -> None:
-        """One shard's state record (histograms merged here; the record itself is not kept)."""
+    def add(self, name: str, path: str | None, state: dict[str, Any] | None, orphan: bool = False) -> None:
+        """One shard's state record (histograms merged here; the record itself is not kept). An `orphan` is a shard
+        whose input is gone but whose rows are still in the output: counted (the summary describes the folder's
+        parquet), listed apart, never failed."""
         self.names.add(name)
         if state is None:
             state = {"state": "failed", "error": "not processed (no output state)"}
-        if state.get("state") != "done":
+        if orphan:
+            self.orphans.append(name)
+        elif state.get("state") != "done":
             self.failed.append({"shard": name, "path": path, "error": state.get("error")})
         row = {"shard": name, "state": state.get("state"), "error": state.get("error")}
+        for k in ("input", "node", "actor", "seconds", "attempt"):
+            if state.get(k) is not None:
+                row[k] = state[k]
+        if orphan:
+            row["input"] = None  # the input shard no longer exists
         for k in COUNT_KEYS:
             row[k] = int(state.get(k, 0))
             self.totals[k] += row[k]
@@ -51,6 +71,7 @@ class SummaryBuilder:
             "shards": len(self.per_shard),
             "shards_done": len(self.per_shard) - len(self.failed),
             "failed_shards": sorted(self.failed, key=lambda f: f["shard"]),
+            "orphaned_shards": sorted(self.orphans),
             "counts": dict(t),
             "kept_fraction": round(t["kept"] / t["ok"], 4) if t["ok"] else None,
             "quantiles": {k: quantiles(h.tolist(), *HIST_RANGES[k]) for k, h in self.hists.items()},
@@ -135,7 +156,7 @@ def format_summary(s: dict[str, Any]) -> str:
         f"  shards   {s['shards']} total: {s['shards_done']} done ({s['shards_skipped']} skipped as already done), "
         f"{len(s['failed_shards'])} failed",
         f"  samples  {c['in']} in: {c['kept']} kept, {c['dropped']} dropped, {c['decode_errors']} decode errors, "
-        f"{c['other_errors']} other",
+        f"{c['other_errors']} other" + (f" ({c['duplicate_keys']} repeated keys)" if c.get("duplicate_keys") else ""),
         f"  kept by  web text {c['web_kept']}, synthetic caption {c['synthetic_kept']}"
         + (f"  (kept fraction of decoded: {s['kept_fraction']})" if s["kept_fraction"] is not None else ""),
     ]
@@ -149,6 +170,8 @@ def format_summary(s: dict[str, Any]) -> str:
             f"  driver   {d['records']} shard records ({d['record_bytes'] // max(1, d['records'])} B each), "
             f"{d['cpu_seconds']} CPU s, {d['retries']} retries, {d['workers_lost']} workers lost"
         )
+    if s.get("orphaned_shards"):
+        lines.append(f"  no input {len(s['orphaned_shards'])} shards in the output (--prune removes them)")
     for f in s["failed_shards"][:10]:
         lines.append(f"  FAILED {f['shard']}: {f['error']}")
     if len(s["failed_shards"]) > 10:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +52,7 @@ class ShardProcessor:
         self.stage_settings, self.settings = stage_settings, settings
         self.processed = 0  # samples through the model, every shard call together (heartbeat)
         self._count_lock = threading.Lock()
+        self.identity: dict[str, Any] = {}  # who computes (node, actor): written into every state record
 
     def setup(self) -> None:
         import torch
@@ -77,7 +78,8 @@ class ShardProcessor:
     def __call__(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:
         """Process one shard end to end; returns its state record (also written to `_state/{shard}.json`).
         `attempt` counts earlier tries at this shard (their temporaries are removed)."""
-        writer = ShardWriter(self.fs, self.root, shard.name, attempt)
+        record = {"input": shard.fingerprint, **self.identity}
+        writer = ShardWriter(self.fs, self.root, shard.name, attempt, record)
         reader = ShardReader(shard, self.settings.storage_options)
         stop = threading.Event()
         batches: queue.Queue = queue.Queue(maxsize=self.settings.prefetch_batches)
@@ -109,7 +111,12 @@ class ShardProcessor:
             try:
                 for rows in _chunks(iter(reader), self.stage.batch_size):
                     s, cap = self.settings.image_size, self.settings.max_pixels
-                    decoded = [self.pool.submit(decode_or_error, r["image"], s, cap) for r in rows]
+                    decoded = [
+                        self.pool.submit(decode_or_error, r["image"], s, cap)
+                        if r.get("duplicate_of") is None
+                        else _done((None, "duplicate_key", f"key {r['key']!r} already at idx {r['duplicate_of']}"))
+                        for r in rows
+                    ]
                     if not _put(batches, (rows, decoded), stop):
                         return
             finally:
@@ -162,6 +169,13 @@ class ShardProcessor:
                 }
             )
         return out
+
+
+def _done(result: Any) -> Future:
+    """A finished future: a row that needs no decoding (a repeated key) goes the decoded rows' way."""
+    f: Future = Future()
+    f.set_result(result)
+    return f
 
 
 def _chunks(it: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:

@@ -129,7 +129,7 @@ def test_list_shards_and_names(tmp_path, wds_corpus):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         list_shards(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no .tar or .parquet"):
+    with pytest.raises(FileNotFoundError, match=r"no .tar \(.tar.gz, .tgz, ...\) or .parquet"):
         list_shards(str(tmp_path / "empty"))
 
 
