@@ -470,7 +470,18 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
 @click.option("--top-p", type=float, default=None, help="Nucleus sampling p.")
 @click.option("--threshold", type=float, default=None, help="Keep a text when its ITM match probability >= this.")
 @click.option("--batch-size", type=int, default=None, help="Images per model batch.")
-@click.option("--actors", type=int, default=None, help="CapFilt actors (default: one per GPU, or one CPU actor).")
+@click.option(
+    "--actors",
+    default=None,
+    help="N (fixed pool), MIN:MAX (elastic) or auto. auto: on a cluster 1 to one per shard not done (--max-actors), "
+    "asking the autoscaler; with Ray started here one per GPU, or one CPU actor.",
+)
+@click.option("--max-actors", type=click.IntRange(min=1), default=None, help="Upper bound of --actors auto.")
+@click.option(
+    "--actor-resources",
+    default=None,
+    help="Extra Ray resources per actor as JSON, e.g. '{\"accelerator_type:H100\": 0.001}' (node type placement).",
+)
 @click.option(
     "--decode-threads", type=int, default=None, help="Decode threads per actor (default: 4 on GPU, reserved as CPUs)."
 )
@@ -501,8 +512,15 @@ def run(
     (also: the output is in use by another job, or was made by other models, settings or input), 130 when
     interrupted (Ctrl-C, SIGTERM; rerun the same command to resume).
     """
+    import json
+
     from pipelines.run import JobInterrupted, load_config, run_capfilt
 
+    if kw.get("actor_resources") is not None:
+        try:
+            kw["actor_resources"] = json.loads(kw["actor_resources"])
+        except ValueError as e:
+            raise CapfiltError(f"--actor-resources is not valid JSON: {e}") from None
     cfg = load_config(
         config_path,
         input=input_,

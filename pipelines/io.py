@@ -484,6 +484,7 @@ class ShardWriter:
         write_parquet_atomic(self.fs, pq_path, self.rows, self.attempt)
         stats = shard_stats(self.rows, self.shard, read_error)
         stats["seconds"] = round(time.time() - self.started, 3)
+        stats["finished"] = round(time.time(), 3)
         stats["attempt"] = self.attempt
         stats.update(self.record)
         state = json.dumps(stats).encode("utf-8")

@@ -38,8 +38,11 @@ class SummaryBuilder:
         self.failed: list[dict[str, Any]] = []
         self.names: set[str] = set()
         self.orphans: list[str] = []
+        self.nodes: dict[str, dict[str, float]] = {}  # this run's shards by the node that committed them
 
-    def add(self, name: str, path: str | None, state: dict[str, Any] | None, orphan: bool = False) -> None:
+    def add(
+        self, name: str, path: str | None, state: dict[str, Any] | None, orphan: bool = False, this_run: bool = False
+    ) -> None:
         """One shard's state record (histograms merged here; the record itself is not kept). An `orphan` is a shard
         whose input is gone but whose rows are still in the output: counted (the summary describes the folder's
         parquet), listed apart, never failed."""
@@ -56,6 +59,12 @@ class SummaryBuilder:
                 row[k] = state[k]
         if orphan:
             row["input"] = None  # the input shard no longer exists
+        if this_run and state.get("node") and state.get("state") == "done":
+            n = self.nodes.setdefault(state["node"], {"shards": 0, "samples": 0, "first": 1e300, "last": 0.0})
+            finished, seconds = float(state.get("finished", 0.0)), float(state.get("seconds", 0.0))
+            n["shards"] += 1
+            n["samples"] += int(state.get("in", 0))
+            n["first"], n["last"] = min(n["first"], finished - seconds), max(n["last"], finished)
         for k in COUNT_KEYS:
             row[k] = int(state.get(k, 0))
             self.totals[k] += row[k]
@@ -77,8 +86,21 @@ class SummaryBuilder:
             "quantiles": {k: quantiles(h.tolist(), *HIST_RANGES[k]) for k, h in self.hists.items()},
             "histograms": {k: {"range": list(HIST_RANGES[k]), "counts": h.tolist()} for k, h in self.hists.items()},
             "per_shard": sorted(self.per_shard, key=lambda r: r["shard"]),
+            "per_node": self.per_node(),
             **tail,
         }
+
+    def per_node(self) -> list[dict[str, Any]]:
+        """This run's shards per node: a slow node or a straggler shows (samples/s over the node's busy span, first
+        shard start to last commit)."""
+        rows = []
+        for node, n in sorted(self.nodes.items()):
+            span = n["last"] - n["first"]
+            rate = round(n["samples"] / span, 2) if span > 0 else None
+            rows.append(
+                {"node": node, "shards": int(n["shards"]), "samples": int(n["samples"]), "samples_per_second": rate}
+            )
+        return rows
 
 
 def quantiles(
@@ -169,6 +191,10 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(
             f"  driver   {d['records']} shard records ({d['record_bytes'] // max(1, d['records'])} B each), "
             f"{d['cpu_seconds']} CPU s, {d['retries']} retries, {d['workers_lost']} workers lost"
+        )
+    for n in s.get("per_node") or []:
+        lines.append(
+            f"  node     {n['node'][:12]}: {n['shards']} shards, {n['samples']} samples, {n['samples_per_second']} samples/s"
         )
     if s.get("orphaned_shards"):
         lines.append(f"  no input {len(s['orphaned_shards'])} shards in the output (--prune removes them)")

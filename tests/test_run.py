@@ -360,13 +360,32 @@ def test_driver_receives_one_small_record_per_shard(ray_local, tmp_path, capfilt
 
 def test_pool_shape_one_actor_per_gpu_with_its_decode_cores(tmp_path, wds_corpus):
     """The GPU path's placement, checked without a GPU: one actor per GPU, each reserving its decode threads as CPUs
-    on the GPU's node, two shards in flight; CPU-only clusters get CPU actors with one shard in flight."""
+    on the GPU's node, two shards in flight; CPU-only clusters get CPU actors with one shard in flight. Ray started
+    here: a fixed pool; on a cluster (`address`): elastic, asking the autoscaler for one bundle per actor."""
     from pipelines.run import pool_shape
 
+    def shape(cfg, gpus, on_cluster=False):
+        p = pool_shape(cfg, gpus, on_cluster)
+        return (p.lo, p.hi, p.elastic, p.device, p.options, p.bundle, p.threads, p.per_actor)
+
     cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"))  # configs/capfilt.yaml: device auto
-    assert pool_shape(cfg, 8) == (8, "cuda", {"num_gpus": 1, "num_cpus": 4}, 4, 2)
-    assert pool_shape(cfg, 0) == (1, "cpu", {"num_cpus": 1.0}, 1, 1)
+    assert shape(cfg, 8) == (8, 8, False, "cuda", {"num_gpus": 1, "num_cpus": 4}, {"GPU": 1, "CPU": 4}, 4, 2)
+    assert shape(cfg, 0) == (1, 1, False, "cpu", {"num_cpus": 1.0}, {"CPU": 1}, 1, 1)
+    assert shape(cfg, 8, on_cluster=True)[:4] == (1, 1024, True, "cuda")  # auto on a cluster: 1..one per shard
+    with pytest.raises(ValueError, match="--device auto on a cluster that has no GPU now: pass --device cuda"):
+        pool_shape(cfg, 0, on_cluster=True)
+    cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"), device="cuda", max_actors=16)
+    assert shape(cfg, 0, on_cluster=True)[:4] == (1, 16, True, "cuda")  # waits for GPU nodes, asks for them
     cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"), decode_threads=6)
-    assert pool_shape(cfg, 2)[2:4] == ({"num_gpus": 1, "num_cpus": 6}, 6)
-    cfg = load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), device="cpu", actors=3)
-    assert pool_shape(cfg, 8)[:2] == (3, "cpu")  # GPUs present, CPU asked for
+    assert shape(cfg, 2)[4:7] == ({"num_gpus": 1, "num_cpus": 6}, {"GPU": 1, "CPU": 6}, 6)
+    cfg = load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), device="cpu", actors="3")
+    assert shape(cfg, 8)[:4] == (3, 3, False, "cpu")  # GPUs present, CPU asked for
+    kw = {"device": "cpu", "actors": "2:6", "actor_resources": {"accelerator_type:H100": 0.001}}
+    cfg = load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), **kw)
+    assert shape(cfg, 0) == (
+        2, 6, True, "cpu", {"num_cpus": 1.0, "resources": {"accelerator_type:H100": 0.001}},
+        {"CPU": 1.0, "accelerator_type:H100": 0.001}, 1, 1,
+    )  # fmt: skip
+    for bad in ("0", "3:2", "x", "1:y"):
+        with pytest.raises(ValueError, match="actors must be"):
+            load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), actors=bad)

@@ -80,3 +80,84 @@ def test_worker_node_lost_mid_run(ray_cluster_3, tmp_path, capfilt_models):
     for name, mtime in removed["done_before"].items():  # committed before the loss: never recomputed
         assert (out / "parquet" / name).stat().st_mtime_ns == mtime
     assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_node_added_mid_run_gets_an_actor(_ray_session_cleanup, tmp_path, capfilt_models):
+    """An elastic pool (`actors: 1:3`) on a cluster with one node of the actors' type: a second such node joins
+    mid-run (as an autoscaler or an operator would add it); it gets an actor that commits shards, and every key ends
+    up exactly once. The custom resource stands in for a GPU node type (`actor_resources`)."""
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import _ray_shutdown
+
+    _ray_shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
+    )
+    try:
+        first = cluster.add_node(num_cpus=1, resources={"capfilt_slot": 1}, object_store_memory=150 * 1024**2)
+        cluster.wait_for_nodes()
+        corpus = str(tmp_path / "corpus")
+        write_corpus(corpus, 48, seed=9, image_size=64, samples_per_shard=3)  # 16 shards
+        out = tmp_path / "out"
+        cfg = tiny_config(
+            corpus, str(out), capfilt_models, address=cluster.address, actors="1:3", batch_size=1,
+            actor_resources={"capfilt_slot": 1},
+        )  # fmt: skip
+        added: dict = {}
+        result: dict = {}
+
+        def job() -> None:  # in a thread: Ray's Cluster.add_node must run in the main thread
+            try:
+                result["summary"] = run_capfilt(cfg, processor_cls=SlowBatches)
+            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
+                result["error"] = e
+
+        t = threading.Thread(target=job, daemon=True)
+        t.start()
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("_state/*.json")):
+            time.sleep(0.05)
+        added["done_before"] = len(list((out / "_state").glob("*.json")))
+        added["node"] = cluster.add_node(
+            num_cpus=1, resources={"capfilt_slot": 1}, object_store_memory=150 * 1024**2
+        ).node_id
+        t.join(timeout=300)
+        assert "summary" in result, result.get("error")
+        summary = result["summary"]
+        assert "node" in added and added["done_before"] < 16
+        assert summary["failed_shards"] == [] and summary["counts"]["in"] == 48
+        check_output(str(out), corpus)
+        by_node: dict = {}
+        for row in summary["per_shard"]:
+            by_node[row["node"]] = by_node.get(row["node"], 0) + 1
+        assert set(by_node) == {first.node_id, added["node"]}, by_node  # never the head: it has no capfilt_slot
+        assert by_node[added["node"]] >= 1
+        assert {n["node"] for n in summary["per_node"]} == set(by_node)
+        assert summary["driver"]["max_live_actors"] == 2
+    finally:
+        _ray_shutdown()
+        cluster.shutdown()
+
+
+def test_device_auto_on_a_cluster_without_gpus_is_an_error(ray_cluster, tmp_path, capfilt_models):
+    """`--device auto` on a cluster with no GPU now: one `error:` line, exit 1, no actor started."""
+    import subprocess
+
+    from tests.test_run_faults import REPO, _cmd, _env
+
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, 4, seed=6, image_size=64, samples_per_shard=4)
+    cmd = [*_cmd(corpus, str(tmp_path / "out"), capfilt_models), "--address", ray_cluster, "--device", "auto"]
+    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    errors = [x for x in p.stderr.splitlines() if x.startswith("error:")]
+    assert errors == [
+        "error: --device auto on a cluster that has no GPU now: pass --device cuda to wait for GPU nodes (the "
+        "autoscaler is asked for them), or --device cpu to run on CPU actors"
+    ]
+    assert "actor pool" not in p.stderr and "Traceback" not in p.stderr
+    assert not list((tmp_path / "out" / "_state").glob("*.json"))
