@@ -524,6 +524,8 @@ def _schedule(
             autoscaler.request(n)
         live = [aid for aid, a in actors.items() if a.draining is None]
         missing = n - len(live) - len(starting)
+        if shape.elastic and missing > 0:  # as many as fit now, plus one waiting for the next node
+            missing = min(missing, max(0, _fits(ray.available_resources(), shape.bundle) + 1 - len(starting)))
         for _ in range(max(0, missing)):
             start_actor()
         for ref in list(starting)[::-1][: max(0, -missing)]:
@@ -611,6 +613,11 @@ def _schedule(
         if autoscaler is not None:
             autoscaler.clear()
         driver["cpu_seconds"] = round(time.process_time() - cpu0, 3)
+
+
+def _fits(available: dict[str, float], bundle: dict[str, float]) -> int:
+    """How many `bundle`s the cluster's free resources hold (summed over nodes: an upper bound)."""
+    return int(min((available.get(k, 0.0) // v for k, v in bundle.items() if v > 0), default=0))
 
 
 class _Autoscaler:

@@ -103,3 +103,38 @@ def test_ray_local_after_cluster(ray_local) -> None:
     # one node again: the cluster is gone and a fresh local runtime answers
     assert len([n for n in ray.nodes() if n["Alive"]]) == 1
     assert ray.cluster_resources()["CPU"] == 2
+
+
+def test_slurm_script_starts_ray_per_node_then_capfilt(tmp_path) -> None:
+    """scripts/slurm_capfilt.sbatch under stand-ins for SLURM's and Ray's commands (they log their arguments): a Ray
+    head on the first node, a worker per other node joining the head's address, then `capfilt run --address` with
+    one actor per GPU of the allocation and the user's arguments."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "slurm_capfilt.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stubs = {
+        "scontrol": "echo node-a; echo node-b; echo node-c",
+        "srun": 'while [ $# -gt 0 ]; do case "$1" in -w) echo "srun on $2" >> "$LOG"; shift 2;; -*) shift;; *) break;; esac; done; "$@"',
+        "hostname": "echo 10.0.0.1",
+        "ray": 'echo "ray $*" >> "$LOG"',
+        "capfilt": 'echo "capfilt $*" >> "$LOG"',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "LOG": str(log), "RAY_START_WAIT": "0"}
+    env.update(SLURM_JOB_NODELIST="node-[a-c]", SLURM_GPUS_ON_NODE="8", SLURM_CPUS_PER_TASK="64")
+    p = subprocess.run(["bash", str(script), "--input", "s3://b/in", "--output", "s3://b/out"], env=env, timeout=60)
+    assert p.returncode == 0
+    calls = log.read_text().splitlines()
+    assert "ray start --head --node-ip-address=10.0.0.1 --port=6379 --num-cpus=64 --num-gpus=8 --block" in calls
+    joins = [c for c in calls if c.startswith("ray start --address=10.0.0.1:6379")]
+    assert len(joins) == 2 and {"srun on node-b", "srun on node-c"} <= set(calls)
+    run = [c for c in calls if c.startswith("capfilt ")]
+    assert run == [
+        "capfilt run --address 10.0.0.1:6379 --device cuda --actors 24 --input s3://b/in --output s3://b/out"
+    ]

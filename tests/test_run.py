@@ -389,3 +389,26 @@ def test_pool_shape_one_actor_per_gpu_with_its_decode_cores(tmp_path, wds_corpus
     for bad in ("0", "3:2", "x", "1:y"):
         with pytest.raises(ValueError, match="actors must be"):
             load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), actors=bad)
+
+
+def test_run_exports_ray_metrics(tmp_path, wds_corpus, ray_local, capfilt_models):
+    """The job on the operators' dashboard: the driver's Ray metrics reach the node's Prometheus endpoint (what the
+    Ray dashboard, Prometheus and Grafana scrape)."""
+    import time
+    import urllib.request
+
+    node = ray_local._private.worker.global_worker.node
+    run_capfilt(tiny_config(wds_corpus, str(tmp_path / "out"), capfilt_models))
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    wanted = {"ray_capfilt_shards_total", "ray_capfilt_samples_committed_total", "ray_capfilt_live_actors"}
+    values: dict[str, float] = {}
+    deadline = time.time() + 60  # the metrics agent flushes every few seconds
+    while time.time() < deadline and not wanted <= set(values):
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        for line in text.splitlines():
+            name = line.split("{", 1)[0]
+            if name in wanted | {"ray_capfilt_shards_queued", "ray_capfilt_samples_per_second"}:
+                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+        time.sleep(1)
+    assert wanted <= set(values), values
+    assert values["ray_capfilt_samples_committed_total"] >= 18 and values["ray_capfilt_shards_total"] >= 3
