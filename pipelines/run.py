@@ -583,8 +583,8 @@ def _schedule(
                 except RayTaskError as e:  # the shard's processing raised; the actor is fine
                     rec = retry_or_fail(shard, _first_line(e))
                 except RayError as e:  # the actor died (crash, OOM kill, node lost): its other shards fail too
-                    actors.pop(aid, None)
-                    driver["workers_lost"] += 1
+                    if actors.pop(aid, None) is not None:  # counted once, whatever it held
+                        driver["workers_lost"] += 1
                     rec = retry_or_fail(shard, f"worker lost: {type(e).__name__}")
                 if rec is not None:
                     committed.append(rec)
@@ -674,7 +674,7 @@ def _drain(actors: dict[int, _Actor], draining: dict[str, float], lose: Any, kil
 
 class _Progress:
     """A tqdm bar in shards on a terminal; elsewhere (a cluster job's log) one line every 30 s, not a line per
-    update."""
+    update: the first as soon as there is a status, then every `every` s, and the last one at the end."""
 
     def __init__(self, enabled: bool, total: int, every: float = 30.0) -> None:
         from tqdm import tqdm
@@ -682,7 +682,7 @@ class _Progress:
         self.enabled, self.total, self.every = enabled, total, every
         self.tty = enabled and sys.stderr.isatty()
         self.bar = tqdm(total=total, unit="shard", file=sys.stderr, dynamic_ncols=True) if self.tty else None
-        self.n, self.last, self.text = 0, time.time(), ""
+        self.n, self.last, self.text = 0, 0.0, ""
 
     def write(self, msg: str) -> None:
         if self.bar is not None:
@@ -706,6 +706,8 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        elif self.enabled and self.text:
+            print(f"  {self.n}/{self.total} shards, {self.text}", file=sys.stderr, flush=True)
 
 
 class _Metrics:
