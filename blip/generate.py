@@ -3,10 +3,20 @@
 Semantics follow the original BLIP, which called transformers 4.15's `generate`:
 - `max_length` / `min_length` count the prompt tokens ("[DEC] a picture of" is 4 of them);
 - sampling applies repetition penalty and the min-length rule to the logits, then top-k (50, the 4.15 default) and
-  top-p, then draws one token per row (an exponential race, not `torch.multinomial`: same distribution, other draws); greedy and beam search apply the same processors (beam search on log-probabilities);
+  top-p, then draws one token per row (an exponential race, not `torch.multinomial`: same distribution, other draws);
+  greedy and beam search apply the same processors (beam search on log-probabilities);
 - beam search keeps `num_beams` finished hypotheses scored by sum of log-probs / length ** length_penalty, where the
   length is the hypothesis without its [SEP] including the prompt (`beam_length="original"`); transformers >= 4.3x
   divides by the generated length including [SEP] instead (`beam_length="hf"`, used by the parity tests).
+
+Sampling noise is counter-based: the Exp(1) variable of token v at step t of caption c of an image is a pure function
+of (image seed, c, t, v), an integer hash (splitmix64) computed for the whole (rows, top-k) candidate set in one
+vectorised op. No generator state, no Python loop over images: a caption depends only on its image, its seed and the
+settings, never on the batch it is in, the batch size or the device (the hash and the uniforms are exact integer
+arithmetic, bit-identical on CPU and GPU; only the final float64 log may differ in its last bit). The token id is
+hashed, not its rank, so a token's draw does not depend on which other tokens made the top-k. This replaced one
+torch.Generator per image (before issue 25): the same seed gives other captions than before, from the same
+distribution.
 
 Speed: the image is encoded once; the cross-attention keys/values are computed once per image and shared by all its
 captions/beams; self-attention keys/values are cached so each step feeds one token.
@@ -18,6 +28,52 @@ import torch
 import torch.nn.functional as F
 
 NEG_INF = -float("inf")
+# names the sampling noise, for run manifests: which draws made the captions (bump on any change of the draws)
+SAMPLER = "counter-splitmix64/1"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Counter-based sampling noise: splitmix64 on int64 tensors. torch has no uint64 arithmetic: constants are written as
+# their two's-complement int64 values, products wrap mod 2**64 as unsigned ones would, and a logical right shift is an
+# arithmetic one with the sign-extended bits masked off.
+
+
+def _i64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GAMMA = _i64(0x9E3779B97F4A7C15)  # splitmix64's increment (the golden ratio)
+_M1, _M2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser: a bijection of 64-bit words that scatters every input bit over the output."""
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def row_keys(seeds: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Image seeds (B,) int64 -> one key per row (B * per_row,): caption c of an image is keyed by output c of the
+    splitmix64 stream seeded with the image seed."""
+    c = torch.arange(per_row, device=seeds.device).repeat(seeds.shape[0])  # (R,) caption index within its image
+    return _mix64(seeds.repeat_interleave(per_row) + (c + 1) * _GAMMA)
+
+
+def exp_noise(keys: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise (R, k) float64 for candidate `tokens` (R, k) drawn at position `step`, rows keyed by `keys` (R,).
+
+    Token v at step t reads output t * 2**32 + v of the row's splitmix64 stream; its top 53 bits give a uniform in
+    (0, 1) and -log(u) the exponential. Nothing depends on other rows, other tokens or the device.
+    """
+    h = _mix64(keys[:, None] + ((step << 32) + tokens + 1) * _GAMMA)  # (R, k) int64
+    u = (_shr(h, 11).double() + 0.5) * 2.0**-53  # (R, k) in (0, 1), exact
+    return -torch.log(u)
 
 
 def _repetition_penalty(scores: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -35,18 +91,12 @@ def _min_length(scores: torch.Tensor, cur_len: int, min_length: int, eos: int) -
     return scores
 
 
-def _sample(
-    scores: torch.Tensor,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | list[torch.Generator] | None,
-    per_row: int,
-    active: torch.Tensor,
-) -> torch.Tensor:
+def _sample(scores: torch.Tensor, top_k: int, top_p: float, keys: torch.Tensor, step: int) -> torch.Tensor:
     """Top-k, then top-p (the smallest set whose probability reaches p, at least one token), then one draw per row.
 
     Works on the k best logits only (no full-vocabulary sort). The draw is an exponential race, argmax(p_i / E_i)
-    with E_i ~ Exp(1), an exact categorical sample that, unlike `torch.multinomial`, is cheap for a 30k vocabulary.
+    with E_i ~ Exp(1) from `exp_noise`, an exact categorical sample that, unlike `torch.multinomial`, is cheap for a
+    30k vocabulary and needs no generator state.
     """
     k = top_k if 0 < top_k < scores.shape[-1] else scores.shape[-1]
     vals, idx = torch.topk(scores, k)  # (R, k), descending
@@ -54,16 +104,8 @@ def _sample(
         probs = vals.softmax(-1)
         before = probs.cumsum(-1) - probs  # probability mass ranked above each token
         vals = vals.masked_fill(before >= top_p, NEG_INF)
-    probs = vals.softmax(-1)
-    if isinstance(generator, list):  # each image draws from its own stream, only while it has live rows
-        noise = torch.ones_like(probs)
-        for i, g in enumerate(generator):
-            sl = slice(i * per_row, (i + 1) * per_row)
-            if active[sl].any():
-                noise[sl].exponential_(generator=g)
-    else:
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-    choice = (probs / noise).argmax(-1, keepdim=True)  # (R, 1)
+    probs = vals.softmax(-1)  # (R, k)
+    choice = (probs / exp_noise(keys, step, idx)).argmax(-1, keepdim=True)  # (R, 1)
     return idx.gather(1, choice).squeeze(1)
 
 
@@ -116,7 +158,8 @@ def generate_ids(
     top_k: int = 50,
     repetition_penalty: float = 1.0,
     num_return: int = 1,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+    seeds: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     beam_length: str = "original",
     length_penalty: float = 1.0,
     use_cache: bool = True,
@@ -124,13 +167,16 @@ def generate_ids(
 ) -> torch.Tensor:
     """encoder_states (B, L, Dv), prompt (B, T0) -> ids (B * num_return, T) (beam search: num_return must be 1).
 
-    `generator` may be one torch.Generator for the batch or one per image (then each image's captions depend only on
-    its own seed, not on what else is in the batch). It must live on the same device as the model.
+    Sampling seeds: `seeds` (B,) int64, one per image (caption c of image i draws from (seeds[i], c) alone, whatever
+    else is in the batch); without them, B seeds are drawn from `generator` (or torch's global generator), so the
+    captions then depend on the batch.
     """
     B = encoder_states.shape[0]
     beams = 1 if sample or num_beams <= 1 else num_beams
     if beams > 1 and num_return != 1:
         raise ValueError("beam search returns one sequence per image")
+    if isinstance(generator, list):
+        raise TypeError("per-image generators are gone: pass seeds=torch.tensor([...]) (one int64 seed per image)")
     per_row = num_return if sample else beams
     rows = torch.arange(B, device=encoder_states.device).repeat_interleave(per_row)  # (R,) image of each row
     cross = [(k[rows], v[rows]) for k, v in decoder.bert.cross_kv(encoder_states)]  # once per image, shared by rows
@@ -142,19 +188,22 @@ def generate_ids(
             min_length, repetition_penalty, beam_length, length_penalty, use_cache,
         )  # fmt: skip
 
-    gens = generator if isinstance(generator, list) else None
-    if gens is not None and len(gens) != B:
-        raise ValueError(f"got {len(gens)} generators for {B} images")
+    keys = None
+    if sample:
+        if seeds is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            seeds = torch.randint(0, 2**63 - 1, (B,), generator=generator, device=gen_device)
+        seeds = torch.as_tensor(seeds, dtype=torch.long)
+        if seeds.shape != (B,):
+            raise ValueError(f"seeds must have one int64 per image, shape ({B},), got {tuple(seeds.shape)}")
+        keys = row_keys(seeds.to(ids.device), per_row)  # (R,)
     unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
     past = None
     while ids.shape[1] < max_length:
         scores, past = _step(decoder, ids, past, cross, enc_mask, use_cache)  # (R, V)
         scores = _repetition_penalty(scores, ids, repetition_penalty)
         scores = _min_length(scores, ids.shape[1], min_length, eos_token_id)
-        if sample:
-            nxt = _sample(scores, top_k, top_p, gens if gens is not None else generator, per_row, unfinished)
-        else:
-            nxt = scores.argmax(-1)
+        nxt = _sample(scores, top_k, top_p, keys, ids.shape[1]) if sample else scores.argmax(-1)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         unfinished &= nxt != eos_token_id

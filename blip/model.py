@@ -478,11 +478,16 @@ class CaptionMixin:
         top_k: int = 50,
         repetition_penalty: float = 1.0,
         num_captions: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        seeds: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
         beam_length: str = "original",
         use_cache: bool = True,
     ) -> torch.Tensor:
-        """Token ids (B * num_captions, T) including [DEC] + prompt; lengths count the prompt (as the original)."""
+        """Token ids (B * num_captions, T) including [DEC] + prompt; lengths count the prompt (as the original).
+
+        Sampling: `seeds` (B,) int64, one per image, makes an image's captions independent of its batch; otherwise
+        seeds are drawn from `generator` (or the global one). See blip.generate.generate_ids.
+        """
         image_embeds = self.encode_image(pixel_values)
         prompt = self.prompt_ids(image_embeds.shape[0])
         return _generate_ids(
@@ -499,6 +504,7 @@ class CaptionMixin:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             num_return=num_captions,
+            seeds=seeds,
             generator=generator,
             beam_length=beam_length,
             use_cache=use_cache,
