@@ -19,7 +19,10 @@ torch.Generator per image (before issue 25): the same seed gives other captions 
 distribution.
 
 Speed: the image is encoded once; the cross-attention keys/values are computed once per image and shared by all its
-captions/beams; self-attention keys/values are cached so each step feeds one token.
+captions/beams. Self-attention keys/values go into a static cache preallocated to `max_length` (per layer,
+(R, nh, max_length, hd)) and written in place at the step's position; a boolean mask hides the positions not yet
+written, so every one-token step has the same shapes (it can be captured). Beam search reorders the cache rows in
+place. `use_cache=False` recomputes the whole prefix each step (the reference the cache is tested against).
 """
 
 from __future__ import annotations
@@ -134,13 +137,77 @@ class _Hypotheses:
         return self.worst >= best_sum_logprobs / (length**self.length_penalty)
 
 
-def _step(decoder, ids, past, cross, enc_mask, use_cache):
-    """One decoder call; returns last-position logits (R, V) in fp32 and the new cache."""
-    inp = ids[:, -1:] if (use_cache and past is not None) else ids
-    logits, presents = decoder(
-        inp, None, encoder_attention_mask=enc_mask, past_key_values=past if use_cache else None, cross_kv=cross
+# ----------------------------------------------------------------------------------------------------------------------
+# The decoder step: full recompute (use_cache=False) or one token per step on a static cache
+
+
+def _cached_step(decoder, tokens, positions, cache, cross, enc_mask) -> torch.Tensor:
+    """Feed `tokens` (R, T) at `positions` (T,) through the static `cache`: last-position logits (R, V) in fp32."""
+    logits, _ = decoder(
+        tokens, None, encoder_attention_mask=enc_mask, cross_kv=cross, kv_cache=cache, cache_position=positions
     )
-    return logits[:, -1].float(), (presents if use_cache else None)
+    return logits[:, -1].float()
+
+
+def _static_buffers(decoder, cross, rows, max_length: int) -> tuple[list, list]:
+    """Self-attention caches (R, nh, max_length, hd) and the cross-attention K/V gathered per row, per layer.
+
+    Kept on the decoder and reused while the shapes match, so a captured step keeps reading the same addresses from
+    one batch to the next (CUDA graphs would otherwise copy the image keys/values into the graph at every step).
+    """
+    k0 = cross[0][0]  # (B, nh, L, hd), one per image
+    R, (_, nh, L, hd) = rows.shape[0], k0.shape
+    key = (R, nh, L, hd, max_length, len(cross), k0.dtype, k0.device)
+    held = getattr(decoder, "_decode_buffers", None)
+    if held is None or held[0] != key:
+        new = lambda T: k0.new_zeros(R, nh, T, hd)  # noqa: E731
+        bufs = ([(new(max_length), new(max_length)) for _ in cross], [(new(L), new(L)) for _ in cross])
+        held = (key, bufs)
+        decoder._decode_buffers = held  # a plain attribute: not a buffer, not in the state dict
+    cache, cross_buf = held[1]
+    for (k, v), (kb, vb) in zip(cross, cross_buf):
+        torch.index_select(k, 0, rows, out=kb)
+        torch.index_select(v, 0, rows, out=vb)
+    return cache, cross_buf
+
+
+class _Steps:
+    """Last-position logits (R, V) fp32 of the growing sequences `ids` (R, t), called once per step; `cross` holds the
+    cross-attention K/V per image (B, nh, L, hd), `rows` (R,) the image of each row.
+
+    With the cache, the first call feeds the prompt (eagerly: it has its own shape) and every later call feeds the one
+    new token at its position (the fixed-shape step). Beam search calls `reorder`.
+    """
+
+    def __init__(self, decoder, cross, rows, enc_mask, max_length: int, use_cache: bool):
+        self.decoder, self.enc_mask, self.fed = decoder, enc_mask, 0
+        device = cross[0][0].device
+        if use_cache:
+            self.cache, self.cross = _static_buffers(decoder, cross, rows, max_length)
+        else:
+            self.cache, self.cross = None, [(k[rows], v[rows]) for k, v in cross]
+        self.positions = torch.arange(max_length, device=device)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:  # recompute the whole prefix
+            logits, _ = self.decoder(ids, None, encoder_attention_mask=self.enc_mask, cross_kv=self.cross)
+            return logits[:, -1].float()
+        T = ids.shape[1]
+        if self.fed == 0:
+            out = _cached_step(self.decoder, ids, self.positions[:T], self.cache, self.cross, self.enc_mask)
+        else:
+            assert T == self.fed + 1, "the cached decoder is fed one token per step"
+            # fresh (R, 1) and (1,) tensors: the same strides and offsets at every step
+            tok, pos = ids[:, -1:].clone(), self.positions[T - 1 : T].clone()
+            out = _cached_step(self.decoder, tok, pos, self.cache, self.cross, self.enc_mask)
+        self.fed = T
+        return out
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: cache row i := row rows[i], in place (the captured step keeps its addresses)."""
+        for k, v in self.cache or []:
+            k.copy_(k.index_select(0, rows))
+            v.copy_(v.index_select(0, rows))
 
 
 @torch.no_grad()
@@ -172,20 +239,24 @@ def generate_ids(
     captions then depend on the batch.
     """
     B = encoder_states.shape[0]
+    device = encoder_states.device
     beams = 1 if sample or num_beams <= 1 else num_beams
     if beams > 1 and num_return != 1:
         raise ValueError("beam search returns one sequence per image")
     if isinstance(generator, list):
         raise TypeError("per-image generators are gone: pass seeds=torch.tensor([...]) (one int64 seed per image)")
     per_row = num_return if sample else beams
-    rows = torch.arange(B, device=encoder_states.device).repeat_interleave(per_row)  # (R,) image of each row
-    cross = [(k[rows], v[rows]) for k, v in decoder.bert.cross_kv(encoder_states)]  # once per image, shared by rows
+    rows = torch.arange(B, device=device).repeat_interleave(per_row)  # (R,) image of each row
+    cross = decoder.bert.cross_kv(encoder_states)  # once per image, gathered for its rows by _Steps
     enc_mask = encoder_attention_mask[rows] if encoder_attention_mask is not None else None
+    if enc_mask is not None and bool(enc_mask.all()):
+        enc_mask = None  # nothing to mask: no mask in the step
+    steps = _Steps(decoder, cross, rows, enc_mask, max_length, use_cache)
     ids = prompt[rows]  # (R, T0)
     if beams > 1:
         return _beam_search(
-            decoder, ids, cross, enc_mask, B, beams, prompt.shape[1], eos_token_id, pad_token_id, max_length,
-            min_length, repetition_penalty, beam_length, length_penalty, use_cache,
+            steps, ids, B, beams, prompt.shape[1], eos_token_id, pad_token_id, max_length, min_length,
+            repetition_penalty, beam_length, length_penalty,
         )  # fmt: skip
 
     keys = None
@@ -196,11 +267,10 @@ def generate_ids(
         seeds = torch.as_tensor(seeds, dtype=torch.long)
         if seeds.shape != (B,):
             raise ValueError(f"seeds must have one int64 per image, shape ({B},), got {tuple(seeds.shape)}")
-        keys = row_keys(seeds.to(ids.device), per_row)  # (R,)
-    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    past = None
+        keys = row_keys(seeds.to(device), per_row)  # (R,)
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
     while ids.shape[1] < max_length:
-        scores, past = _step(decoder, ids, past, cross, enc_mask, use_cache)  # (R, V)
+        scores = steps(ids)  # (R, V)
         scores = _repetition_penalty(scores, ids, repetition_penalty)
         scores = _min_length(scores, ids.shape[1], min_length, eos_token_id)
         nxt = _sample(scores, top_k, top_p, keys, ids.shape[1]) if sample else scores.argmax(-1)
@@ -213,8 +283,7 @@ def generate_ids(
 
 
 def _beam_search(
-    decoder, ids, cross, enc_mask, B, nb, prompt_len, eos, pad, max_length, min_length, penalty, beam_length,
-    length_penalty, use_cache,
+    steps, ids, B, nb, prompt_len, eos, pad, max_length, min_length, penalty, beam_length, length_penalty,
 ) -> torch.Tensor:  # fmt: skip
     if beam_length not in ("original", "hf"):
         raise ValueError(f"beam_length must be 'original' or 'hf', got {beam_length!r}")
@@ -224,7 +293,6 @@ def _beam_search(
     beam_scores = torch.zeros(B, nb, device=device)
     beam_scores[:, 1:] = -1e9  # only the first beam is live at the start (all beams are identical)
     beam_scores = beam_scores.view(-1)
-    past = None
 
     def norm_len(new_len: int, finished_by_eos: bool) -> int:
         if beam_length == "hf":
@@ -233,7 +301,7 @@ def _beam_search(
 
     while ids.shape[1] < max_length:
         cur_len = ids.shape[1]
-        logits, past = _step(decoder, ids, past, cross, enc_mask, use_cache)
+        logits = steps(ids)  # (R, V)
         scores = F.log_softmax(logits, dim=-1)
         scores = _repetition_penalty(scores, ids, penalty)
         scores = _min_length(scores, cur_len, min_length, eos)
@@ -268,8 +336,7 @@ def _beam_search(
         rows_t = torch.tensor(new_rows, device=device)
         beam_scores = torch.tensor(new_scores, device=device)
         ids = torch.cat([ids[rows_t], torch.tensor(new_tokens, device=device)[:, None]], dim=1)
-        if past is not None:
-            past = [(k[rows_t], v[rows_t]) for k, v in past]
+        steps.reorder(rows_t)
         if all(done):
             break
 

@@ -1,4 +1,4 @@
-"""The decode loop (blip/generate.py): counter-based sampling noise."""
+"""The decode loop (blip/generate.py): counter-based sampling noise, the static KV cache."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from blip.config import BlipConfig
-from blip.generate import _mix64, exp_noise, row_keys
-from blip.model import BlipCaptioner, init_weights
+from blip.generate import _mix64, exp_noise, generate_ids, row_keys
+from blip.model import BlipCaptioner, BlipVQA, init_weights
 from blip.tokenizer import build_tokenizer
 
 U64 = (1 << 64) - 1
@@ -138,3 +138,51 @@ def test_generator_or_global_seed_without_per_image_seeds(tok):
         model.generate_ids(x, generator=[torch.Generator(), torch.Generator()], **kw)
     with pytest.raises(ValueError, match="one int64 per image"):
         model.generate_ids(x, seeds=torch.tensor([1, 2, 3]), **kw)
+
+
+# -- the static cache against recomputing the prefix -------------------------------------------------------------------
+
+DECODES = {
+    "greedy": dict(sample=False, num_beams=1, repetition_penalty=1.2),
+    "beam": dict(sample=False, num_beams=3),
+    "beam_rp": dict(sample=False, num_beams=2, repetition_penalty=1.3, min_length=7),
+    "sample": dict(sample=True, num_captions=3, repetition_penalty=1.1),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODES))
+def test_static_cache_equals_no_cache(tok, name):
+    model = captioner(tok, sep_bias=8.0)
+    x = images(3)
+    kw = {"max_length": 16, "min_length": 5, **DECODES[name]}
+    if kw["sample"]:
+        kw["seeds"] = SEEDS[:3]
+    cached = model.generate_ids(x, use_cache=True, **kw)
+    assert torch.equal(cached, model.generate_ids(x, use_cache=False, **kw))
+    assert (cached == tok.sep_token_id).any()  # some rows finished before max_length
+    # the cache is preallocated to max_length, (R, nh, T_max, hd), and reused by the next call of the same shape
+    held = model.text_decoder._decode_buffers
+    R = cached.shape[0] * (kw.get("num_beams", 1) if not kw["sample"] else 1)
+    cfg = model.config.text
+    assert held[1][0][0][0].shape == (R, cfg.heads, 16, cfg.hidden_size // cfg.heads)
+    assert torch.equal(model.generate_ids(x, use_cache=True, **kw), cached)
+    assert model.text_decoder._decode_buffers is held
+
+
+def test_static_cache_with_a_padded_cross_attention_mask(tiny_vocab_dir):
+    """The VQA answer decoder attends padded question states: the step builds the cross mask itself."""
+    tok = build_tokenizer(tiny_vocab_dir)
+    torch.manual_seed(0)
+    model = BlipVQA(BlipConfig.from_name("tiny", family="vqa"))
+    init_weights(model, std=0.2)
+    model.tokenizer = tok
+    model.eval()
+    with torch.no_grad():
+        states, mask = model.encode_question(images(2), ["what colour is the big circle on the left", "how many"])
+    assert not mask.all()
+    bos = torch.full((2, 1), tok.bos_token_id)
+    for nb in (1, 3):
+        kw = dict(eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, num_beams=nb, max_length=8,
+                  min_length=1, encoder_attention_mask=mask)  # fmt: skip
+        cached = generate_ids(model.text_decoder, states, bos, use_cache=True, **kw)
+        assert torch.equal(cached, generate_ids(model.text_decoder, states, bos, use_cache=False, **kw))
