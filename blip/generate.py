@@ -21,11 +21,14 @@ distribution.
 Speed: the image is encoded once; the cross-attention keys/values are computed once per image and shared by all its
 captions/beams. Self-attention keys/values go into a static cache preallocated to `max_length` (per layer,
 (R, nh, max_length, hd)) and written in place at the step's position; a boolean mask hides the positions not yet
-written, so every one-token step has the same shapes (it can be captured). Beam search reorders the cache rows in
-place. `use_cache=False` recomputes the whole prefix each step (the reference the cache is tested against).
+written, so every one-token step has the same shapes and can be captured: `compile="on"` wraps the step in
+`torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default mode on CPU). Beam search reorders the
+cache rows in place. `use_cache=False` recomputes the whole prefix each step (the reference the cache is tested against).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +144,13 @@ class _Hypotheses:
 # The decoder step: full recompute (use_cache=False) or one token per step on a static cache
 
 
+def resolve_compile(compile: str, device: torch.device) -> bool:
+    """Whether to capture the decode step: "on", "off", or "auto" (on for CUDA, off elsewhere)."""
+    if compile not in ("auto", "off", "on"):
+        raise ValueError(f"compile must be 'auto', 'off' or 'on', got {compile!r}")
+    return compile == "on" or (compile == "auto" and device.type == "cuda")
+
+
 def _cached_step(decoder, tokens, positions, cache, cross, enc_mask) -> torch.Tensor:
     """Feed `tokens` (R, T) at `positions` (T,) through the static `cache`: last-position logits (R, V) in fp32."""
     logits, _ = decoder(
@@ -149,7 +159,18 @@ def _cached_step(decoder, tokens, positions, cache, cross, enc_mask) -> torch.Te
     return logits[:, -1].float()
 
 
-def _static_buffers(decoder, cross, rows, max_length: int) -> tuple[list, list]:
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step(device: torch.device) -> Callable:
+    """`_cached_step` under torch.compile: CUDA graphs ("reduce-overhead") on CUDA, inductor's default on CPU."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_cached_step, mode=mode)
+    return _COMPILED[mode]
+
+
+def _static_buffers(decoder, cross, rows, max_length: int, static_address: bool) -> tuple[list, list]:
     """Self-attention caches (R, nh, max_length, hd) and the cross-attention K/V gathered per row, per layer.
 
     Kept on the decoder and reused while the shapes match, so a captured step keeps reading the same addresses from
@@ -157,11 +178,14 @@ def _static_buffers(decoder, cross, rows, max_length: int) -> tuple[list, list]:
     """
     k0 = cross[0][0]  # (B, nh, L, hd), one per image
     R, (_, nh, L, hd) = rows.shape[0], k0.shape
-    key = (R, nh, L, hd, max_length, len(cross), k0.dtype, k0.device)
+    key = (R, nh, L, hd, max_length, len(cross), k0.dtype, k0.device, static_address)
     held = getattr(decoder, "_decode_buffers", None)
     if held is None or held[0] != key:
         new = lambda T: k0.new_zeros(R, nh, T, hd)  # noqa: E731
         bufs = ([(new(max_length), new(max_length)) for _ in cross], [(new(L), new(L)) for _ in cross])
+        if static_address:
+            for t in (t for pairs in bufs for pair in pairs for t in pair):
+                torch._dynamo.mark_static_address(t)
         held = (key, bufs)
         decoder._decode_buffers = held  # a plain attribute: not a buffer, not in the state dict
     cache, cross_buf = held[1]
@@ -176,17 +200,19 @@ class _Steps:
     cross-attention K/V per image (B, nh, L, hd), `rows` (R,) the image of each row.
 
     With the cache, the first call feeds the prompt (eagerly: it has its own shape) and every later call feeds the one
-    new token at its position (the fixed-shape step). Beam search calls `reorder`.
+    new token at its position (the fixed-shape step, compiled when asked). Beam search calls `reorder`.
     """
 
-    def __init__(self, decoder, cross, rows, enc_mask, max_length: int, use_cache: bool):
+    def __init__(self, decoder, cross, rows, enc_mask, max_length: int, use_cache: bool, compiled: bool):
         self.decoder, self.enc_mask, self.fed = decoder, enc_mask, 0
         device = cross[0][0].device
+        self.cuda_graphs = compiled and device.type == "cuda"
         if use_cache:
-            self.cache, self.cross = _static_buffers(decoder, cross, rows, max_length)
+            self.cache, self.cross = _static_buffers(decoder, cross, rows, max_length, self.cuda_graphs)
         else:
             self.cache, self.cross = None, [(k[rows], v[rows]) for k, v in cross]
         self.positions = torch.arange(max_length, device=device)
+        self.step = _compiled_step(device) if compiled else _cached_step
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         if self.cache is None:  # recompute the whole prefix
@@ -197,9 +223,13 @@ class _Steps:
             out = _cached_step(self.decoder, ids, self.positions[:T], self.cache, self.cross, self.enc_mask)
         else:
             assert T == self.fed + 1, "the cached decoder is fed one token per step"
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             # fresh (R, 1) and (1,) tensors: the same strides and offsets at every step
             tok, pos = ids[:, -1:].clone(), self.positions[T - 1 : T].clone()
-            out = _cached_step(self.decoder, tok, pos, self.cache, self.cross, self.enc_mask)
+            out = self.step(self.decoder, tok, pos, self.cache, self.cross, self.enc_mask)
+            if self.cuda_graphs:
+                out = out.clone()  # the graph's output buffer is overwritten by the next replay
         self.fed = T
         return out
 
@@ -231,15 +261,17 @@ def generate_ids(
     length_penalty: float = 1.0,
     use_cache: bool = True,
     encoder_attention_mask: torch.Tensor | None = None,
+    compile: str = "auto",
 ) -> torch.Tensor:
     """encoder_states (B, L, Dv), prompt (B, T0) -> ids (B * num_return, T) (beam search: num_return must be 1).
 
     Sampling seeds: `seeds` (B,) int64, one per image (caption c of image i draws from (seeds[i], c) alone, whatever
     else is in the batch); without them, B seeds are drawn from `generator` (or torch's global generator), so the
-    captions then depend on the batch.
+    captions then depend on the batch. `compile`: "auto" | "off" | "on" (see `resolve_compile`).
     """
     B = encoder_states.shape[0]
     device = encoder_states.device
+    compiled = resolve_compile(compile, device)
     beams = 1 if sample or num_beams <= 1 else num_beams
     if beams > 1 and num_return != 1:
         raise ValueError("beam search returns one sequence per image")
@@ -251,7 +283,7 @@ def generate_ids(
     enc_mask = encoder_attention_mask[rows] if encoder_attention_mask is not None else None
     if enc_mask is not None and bool(enc_mask.all()):
         enc_mask = None  # nothing to mask: no mask in the step
-    steps = _Steps(decoder, cross, rows, enc_mask, max_length, use_cache)
+    steps = _Steps(decoder, cross, rows, enc_mask, max_length, use_cache, compiled)
     ids = prompt[rows]  # (R, T0)
     if beams > 1:
         return _beam_search(

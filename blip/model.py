@@ -501,11 +501,13 @@ class CaptionMixin:
         generator: torch.Generator | None = None,
         beam_length: str = "original",
         use_cache: bool = True,
+        compile: str = "auto",
     ) -> torch.Tensor:
         """Token ids (B * num_captions, T) including [DEC] + prompt; lengths count the prompt (as the original).
 
         Sampling: `seeds` (B,) int64, one per image, makes an image's captions independent of its batch; otherwise
-        seeds are drawn from `generator` (or the global one). See blip.generate.generate_ids.
+        seeds are drawn from `generator` (or the global one). `compile`: "auto" (on for CUDA) | "off" | "on", the
+        decode step under torch.compile. See blip.generate.generate_ids.
         """
         image_embeds = self.encode_image(pixel_values)
         prompt = self.prompt_ids(image_embeds.shape[0])
@@ -527,6 +529,7 @@ class CaptionMixin:
             generator=generator,
             beam_length=beam_length,
             use_cache=use_cache,
+            compile=compile,
         )
 
     @torch.no_grad()

@@ -85,6 +85,7 @@ class CapFiltSettings:
     batch_size: int = 32  # images per forward pass; larger batches are processed in chunks
     seed: int = 0
     text_max_length: int = 35  # filter tokenisation, as the original retrieval code
+    compile: str = "auto"  # the captioner's decode step under torch.compile: auto (on for CUDA) | off | on
 
     def validate(self) -> None:
         checks = [
@@ -101,6 +102,10 @@ class CapFiltSettings:
             (
                 self.dtype in ("auto", *DTYPES),
                 f"unknown dtype {self.dtype!r}; expected auto or one of {sorted(DTYPES)}",
+            ),
+            (
+                self.compile in ("auto", "off", "on"),
+                f"compile must be 'auto', 'off' or 'on', got {self.compile!r}",
             ),
         ]
         for ok, msg in checks:
@@ -176,6 +181,7 @@ class CapFiltStage(CapFiltSettings):
                 min_length=self.min_length,
                 repetition_penalty=self.repetition_penalty,
                 seeds=seeds,
+                compile=self.compile,
             )
         texts = [([w] if w is not None else []) + c for w, c in zip(webs, caps)]
         itm, itc = self.filt_model.score(self._pixels_for(x, self.filt_model), texts, self.text_max_length)

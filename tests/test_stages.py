@@ -105,6 +105,17 @@ def test_captions_independent_of_batch_composition(models):
     assert other["synthetic_captions"] != out_full["synthetic_captions"]
 
 
+def test_compile_setting_reaches_the_decoder(models, monkeypatch):
+    seen = []
+    real = models[0].generate_ids
+    monkeypatch.setattr(models[0], "generate_ids", lambda *a, **kw: seen.append(kw["compile"]) or real(*a, **kw))
+    _stage(models, num_captions=1, compile="off")(_batch(2))
+    _stage(models, num_captions=1)(_batch(2))
+    assert seen == ["off", "auto"]
+    with pytest.raises(ValueError, match="compile must be"):
+        _stage(models, compile="yes")
+
+
 def test_sample_seed_is_stable():
     assert sample_seed(0, "000000001") == sample_seed(0, "000000001")
     assert sample_seed(0, "000000001") != sample_seed(1, "000000001") != sample_seed(0, "000000002")
