@@ -10,6 +10,7 @@ the way a user of its API scores pairs. Prints images/s for both and the ratio (
 
     python bench/bench_model.py --size base --batch 8 --device cpu
     python bench/bench_model.py --size base --batch 64 --device cuda --dtype bf16
+    python bench/bench_model.py --size base --only beam sample --compile on   # capfilt's decode step compiled
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--only", nargs="*", default=["beam", "sample", "itm"], choices=["beam", "sample", "itm"])
+    ap.add_argument("--compile", default="auto", choices=["auto", "off", "on"], help="capfilt's decode step")
     args = ap.parse_args()
     dtype, dev = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
@@ -87,7 +89,7 @@ def main() -> None:
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"transformers {transformers.__version__}, device {dev}"
           + (f" ({torch.cuda.get_device_name()})" if dev.startswith("cuda") else "") + f", {args.dtype}")  # fmt: skip
-    print(f"# size {args.size}, batch {args.batch} images, best of {args.reps}")
+    print(f"# size {args.size}, batch {args.batch} images, best of {args.reps}, compile {args.compile}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -103,14 +105,18 @@ def main() -> None:
             with torch.inference_mode():
                 if "beam" in args.only:
                     kw = dict(num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0)
-                    t_ours = timeit(lambda: ours.generate_ids(pixels, sample=False, **kw), args.reps, dev)
+                    t_ours = timeit(
+                        lambda: ours.generate_ids(pixels, sample=False, compile=args.compile, **kw), args.reps, dev
+                    )
                     t_ref = timeit(lambda: ref.generate(pixel_values=pixels, input_ids=prompt, **kw), args.reps, dev)
                     rows.append(("caption beam=3", B / t_ours, B / t_ref))
                 if "sample" in args.only:
                     N = args.num_captions
                     kw = dict(max_length=20, min_length=5, top_p=0.9, top_k=50, repetition_penalty=1.1)
                     t_ours = timeit(
-                        lambda: ours.generate_ids(pixels, sample=True, num_captions=N, **kw), args.reps, dev
+                        lambda: ours.generate_ids(pixels, sample=True, num_captions=N, compile=args.compile, **kw),
+                        args.reps,
+                        dev,
                     )
                     t_ref = timeit(
                         lambda: ref.generate(

@@ -3,21 +3,83 @@
 Semantics follow the original BLIP, which called transformers 4.15's `generate`:
 - `max_length` / `min_length` count the prompt tokens ("[DEC] a picture of" is 4 of them);
 - sampling applies repetition penalty and the min-length rule to the logits, then top-k (50, the 4.15 default) and
-  top-p, then draws one token per row (an exponential race, not `torch.multinomial`: same distribution, other draws); greedy and beam search apply the same processors (beam search on log-probabilities);
+  top-p, then draws one token per row (an exponential race, not `torch.multinomial`: same distribution, other draws);
+  greedy and beam search apply the same processors (beam search on log-probabilities);
 - beam search keeps `num_beams` finished hypotheses scored by sum of log-probs / length ** length_penalty, where the
   length is the hypothesis without its [SEP] including the prompt (`beam_length="original"`); transformers >= 4.3x
   divides by the generated length including [SEP] instead (`beam_length="hf"`, used by the parity tests).
 
+Sampling noise is counter-based: the Exp(1) variable of token v at step t of caption c of an image is a pure function
+of (image seed, c, t, v), an integer hash (splitmix64) computed for the whole (rows, top-k) candidate set in one
+vectorised op. No generator state, no Python loop over images: a caption depends only on its image, its seed and the
+settings, never on the batch it is in, the batch size or the device (the hash and the uniforms are exact integer
+arithmetic, bit-identical on CPU and GPU; only the final float64 log may differ in its last bit). The token id is
+hashed, not its rank, so a token's draw does not depend on which other tokens made the top-k. This replaced one
+torch.Generator per image (before issue 25): the same seed gives other captions than before, from the same
+distribution.
+
 Speed: the image is encoded once; the cross-attention keys/values are computed once per image and shared by all its
-captions/beams; self-attention keys/values are cached so each step feeds one token.
+captions/beams. Self-attention keys/values go into a static cache preallocated to `max_length` (per layer,
+(R, nh, max_length, hd)) and written in place at the step's position; a boolean mask hides the positions not yet
+written, so every one-token step has the same shapes and can be captured: `compile="on"` wraps the step in
+`torch.compile` (mode "reduce-overhead", i.e. CUDA graphs, on CUDA; the default mode on CPU). Beam search reorders the
+cache rows in place. `use_cache=False` recomputes the whole prefix each step (the reference the cache is tested against).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 NEG_INF = -float("inf")
+# names the sampling noise, for run manifests: which draws made the captions (bump on any change of the draws)
+SAMPLER = "counter-splitmix64/1"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Counter-based sampling noise: splitmix64 on int64 tensors. torch has no uint64 arithmetic: constants are written as
+# their two's-complement int64 values, products wrap mod 2**64 as unsigned ones would, and a logical right shift is an
+# arithmetic one with the sign-extended bits masked off.
+
+
+def _i64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_GAMMA = _i64(0x9E3779B97F4A7C15)  # splitmix64's increment (the golden ratio)
+_M1, _M2 = _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser: a bijection of 64-bit words that scatters every input bit over the output."""
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def row_keys(seeds: torch.Tensor, per_row: int) -> torch.Tensor:
+    """Image seeds (B,) int64 -> one key per row (B * per_row,): caption c of an image is keyed by output c of the
+    splitmix64 stream seeded with the image seed."""
+    c = torch.arange(per_row, device=seeds.device).repeat(seeds.shape[0])  # (R,) caption index within its image
+    return _mix64(seeds.repeat_interleave(per_row) + (c + 1) * _GAMMA)
+
+
+def exp_noise(keys: torch.Tensor, step: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise (R, k) float64 for candidate `tokens` (R, k) drawn at position `step`, rows keyed by `keys` (R,).
+
+    Token v at step t reads output t * 2**32 + v of the row's splitmix64 stream; its top 53 bits give a uniform in
+    (0, 1) and -log(u) the exponential. Nothing depends on other rows, other tokens or the device.
+    """
+    h = _mix64(keys[:, None] + ((step << 32) + tokens + 1) * _GAMMA)  # (R, k) int64
+    u = (_shr(h, 11).double() + 0.5) * 2.0**-53  # (R, k) in (0, 1), exact
+    return -torch.log(u)
 
 
 def _repetition_penalty(scores: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -35,18 +97,12 @@ def _min_length(scores: torch.Tensor, cur_len: int, min_length: int, eos: int) -
     return scores
 
 
-def _sample(
-    scores: torch.Tensor,
-    top_k: int,
-    top_p: float,
-    generator: torch.Generator | list[torch.Generator] | None,
-    per_row: int,
-    active: torch.Tensor,
-) -> torch.Tensor:
+def _sample(scores: torch.Tensor, top_k: int, top_p: float, keys: torch.Tensor, step: int) -> torch.Tensor:
     """Top-k, then top-p (the smallest set whose probability reaches p, at least one token), then one draw per row.
 
     Works on the k best logits only (no full-vocabulary sort). The draw is an exponential race, argmax(p_i / E_i)
-    with E_i ~ Exp(1), an exact categorical sample that, unlike `torch.multinomial`, is cheap for a 30k vocabulary.
+    with E_i ~ Exp(1) from `exp_noise`, an exact categorical sample that, unlike `torch.multinomial`, is cheap for a
+    30k vocabulary and needs no generator state.
     """
     k = top_k if 0 < top_k < scores.shape[-1] else scores.shape[-1]
     vals, idx = torch.topk(scores, k)  # (R, k), descending
@@ -54,16 +110,8 @@ def _sample(
         probs = vals.softmax(-1)
         before = probs.cumsum(-1) - probs  # probability mass ranked above each token
         vals = vals.masked_fill(before >= top_p, NEG_INF)
-    probs = vals.softmax(-1)
-    if isinstance(generator, list):  # each image draws from its own stream, only while it has live rows
-        noise = torch.ones_like(probs)
-        for i, g in enumerate(generator):
-            sl = slice(i * per_row, (i + 1) * per_row)
-            if active[sl].any():
-                noise[sl].exponential_(generator=g)
-    else:
-        noise = torch.empty_like(probs).exponential_(generator=generator)
-    choice = (probs / noise).argmax(-1, keepdim=True)  # (R, 1)
+    probs = vals.softmax(-1)  # (R, k)
+    choice = (probs / exp_noise(keys, step, idx)).argmax(-1, keepdim=True)  # (R, 1)
     return idx.gather(1, choice).squeeze(1)
 
 
@@ -92,13 +140,104 @@ class _Hypotheses:
         return self.worst >= best_sum_logprobs / (length**self.length_penalty)
 
 
-def _step(decoder, ids, past, cross, enc_mask, use_cache):
-    """One decoder call; returns last-position logits (R, V) in fp32 and the new cache."""
-    inp = ids[:, -1:] if (use_cache and past is not None) else ids
-    logits, presents = decoder(
-        inp, None, encoder_attention_mask=enc_mask, past_key_values=past if use_cache else None, cross_kv=cross
+# ----------------------------------------------------------------------------------------------------------------------
+# The decoder step: full recompute (use_cache=False) or one token per step on a static cache
+
+
+def resolve_compile(compile: str, device: torch.device) -> bool:
+    """Whether to capture the decode step: "on", "off", or "auto" (on for CUDA, off elsewhere)."""
+    if compile not in ("auto", "off", "on"):
+        raise ValueError(f"compile must be 'auto', 'off' or 'on', got {compile!r}")
+    return compile == "on" or (compile == "auto" and device.type == "cuda")
+
+
+def _cached_step(decoder, tokens, positions, cache, cross, enc_mask) -> torch.Tensor:
+    """Feed `tokens` (R, T) at `positions` (T,) through the static `cache`: last-position logits (R, V) in fp32."""
+    logits, _ = decoder(
+        tokens, None, encoder_attention_mask=enc_mask, cross_kv=cross, kv_cache=cache, cache_position=positions
     )
-    return logits[:, -1].float(), (presents if use_cache else None)
+    return logits[:, -1].float()
+
+
+_COMPILED: dict[str, Callable] = {}
+
+
+def _compiled_step(device: torch.device) -> Callable:
+    """`_cached_step` under torch.compile: CUDA graphs ("reduce-overhead") on CUDA, inductor's default on CPU."""
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_cached_step, mode=mode)
+    return _COMPILED[mode]
+
+
+def _static_buffers(decoder, cross, rows, max_length: int, static_address: bool) -> tuple[list, list]:
+    """Self-attention caches (R, nh, max_length, hd) and the cross-attention K/V gathered per row, per layer.
+
+    Kept on the decoder and reused while the shapes match, so a captured step keeps reading the same addresses from
+    one batch to the next (CUDA graphs would otherwise copy the image keys/values into the graph at every step).
+    """
+    k0 = cross[0][0]  # (B, nh, L, hd), one per image
+    R, (_, nh, L, hd) = rows.shape[0], k0.shape
+    key = (R, nh, L, hd, max_length, len(cross), k0.dtype, k0.device, static_address)
+    held = getattr(decoder, "_decode_buffers", None)
+    if held is None or held[0] != key:
+        new = lambda T: k0.new_zeros(R, nh, T, hd)  # noqa: E731
+        bufs = ([(new(max_length), new(max_length)) for _ in cross], [(new(L), new(L)) for _ in cross])
+        if static_address:
+            for t in (t for pairs in bufs for pair in pairs for t in pair):
+                torch._dynamo.mark_static_address(t)
+        held = (key, bufs)
+        decoder._decode_buffers = held  # a plain attribute: not a buffer, not in the state dict
+    cache, cross_buf = held[1]
+    for (k, v), (kb, vb) in zip(cross, cross_buf):
+        torch.index_select(k, 0, rows, out=kb)
+        torch.index_select(v, 0, rows, out=vb)
+    return cache, cross_buf
+
+
+class _Steps:
+    """Last-position logits (R, V) fp32 of the growing sequences `ids` (R, t), called once per step; `cross` holds the
+    cross-attention K/V per image (B, nh, L, hd), `rows` (R,) the image of each row.
+
+    With the cache, the first call feeds the prompt (eagerly: it has its own shape) and every later call feeds the one
+    new token at its position (the fixed-shape step, compiled when asked). Beam search calls `reorder`.
+    """
+
+    def __init__(self, decoder, cross, rows, enc_mask, max_length: int, use_cache: bool, compiled: bool):
+        self.decoder, self.enc_mask, self.fed = decoder, enc_mask, 0
+        device = cross[0][0].device
+        self.cuda_graphs = compiled and device.type == "cuda"
+        if use_cache:
+            self.cache, self.cross = _static_buffers(decoder, cross, rows, max_length, self.cuda_graphs)
+        else:
+            self.cache, self.cross = None, [(k[rows], v[rows]) for k, v in cross]
+        self.positions = torch.arange(max_length, device=device)
+        self.step = _compiled_step(device) if compiled else _cached_step
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is None:  # recompute the whole prefix
+            logits, _ = self.decoder(ids, None, encoder_attention_mask=self.enc_mask, cross_kv=self.cross)
+            return logits[:, -1].float()
+        T = ids.shape[1]
+        if self.fed == 0:
+            out = _cached_step(self.decoder, ids, self.positions[:T], self.cache, self.cross, self.enc_mask)
+        else:
+            assert T == self.fed + 1, "the cached decoder is fed one token per step"
+            if self.cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            # fresh (R, 1) and (1,) tensors: the same strides and offsets at every step
+            tok, pos = ids[:, -1:].clone(), self.positions[T - 1 : T].clone()
+            out = self.step(self.decoder, tok, pos, self.cache, self.cross, self.enc_mask)
+            if self.cuda_graphs:
+                out = out.clone()  # the graph's output buffer is overwritten by the next replay
+        self.fed = T
+        return out
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Beam search: cache row i := row rows[i], in place (the captured step keeps its addresses)."""
+        for k, v in self.cache or []:
+            k.copy_(k.index_select(0, rows))
+            v.copy_(v.index_select(0, rows))
 
 
 @torch.no_grad()
@@ -116,45 +255,57 @@ def generate_ids(
     top_k: int = 50,
     repetition_penalty: float = 1.0,
     num_return: int = 1,
-    generator: torch.Generator | list[torch.Generator] | None = None,
+    seeds: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     beam_length: str = "original",
     length_penalty: float = 1.0,
     use_cache: bool = True,
     encoder_attention_mask: torch.Tensor | None = None,
+    compile: str = "auto",
 ) -> torch.Tensor:
     """encoder_states (B, L, Dv), prompt (B, T0) -> ids (B * num_return, T) (beam search: num_return must be 1).
 
-    `generator` may be one torch.Generator for the batch or one per image (then each image's captions depend only on
-    its own seed, not on what else is in the batch). It must live on the same device as the model.
+    Sampling seeds: `seeds` (B,) int64, one per image (caption c of image i draws from (seeds[i], c) alone, whatever
+    else is in the batch); without them, B seeds are drawn from `generator` (or torch's global generator), so the
+    captions then depend on the batch. `compile`: "auto" | "off" | "on" (see `resolve_compile`).
     """
     B = encoder_states.shape[0]
+    device = encoder_states.device
+    compiled = resolve_compile(compile, device)
     beams = 1 if sample or num_beams <= 1 else num_beams
     if beams > 1 and num_return != 1:
         raise ValueError("beam search returns one sequence per image")
+    if isinstance(generator, list):
+        raise TypeError("per-image generators are gone: pass seeds=torch.tensor([...]) (one int64 seed per image)")
     per_row = num_return if sample else beams
-    rows = torch.arange(B, device=encoder_states.device).repeat_interleave(per_row)  # (R,) image of each row
-    cross = [(k[rows], v[rows]) for k, v in decoder.bert.cross_kv(encoder_states)]  # once per image, shared by rows
+    rows = torch.arange(B, device=device).repeat_interleave(per_row)  # (R,) image of each row
+    cross = decoder.bert.cross_kv(encoder_states)  # once per image, gathered for its rows by _Steps
     enc_mask = encoder_attention_mask[rows] if encoder_attention_mask is not None else None
+    if enc_mask is not None and bool(enc_mask.all()):
+        enc_mask = None  # nothing to mask: no mask in the step
+    steps = _Steps(decoder, cross, rows, enc_mask, max_length, use_cache, compiled)
     ids = prompt[rows]  # (R, T0)
     if beams > 1:
         return _beam_search(
-            decoder, ids, cross, enc_mask, B, beams, prompt.shape[1], eos_token_id, pad_token_id, max_length,
-            min_length, repetition_penalty, beam_length, length_penalty, use_cache,
+            steps, ids, B, beams, prompt.shape[1], eos_token_id, pad_token_id, max_length, min_length,
+            repetition_penalty, beam_length, length_penalty,
         )  # fmt: skip
 
-    gens = generator if isinstance(generator, list) else None
-    if gens is not None and len(gens) != B:
-        raise ValueError(f"got {len(gens)} generators for {B} images")
-    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=ids.device)
-    past = None
+    keys = None
+    if sample:
+        if seeds is None:
+            gen_device = generator.device if generator is not None else "cpu"
+            seeds = torch.randint(0, 2**63 - 1, (B,), generator=generator, device=gen_device)
+        seeds = torch.as_tensor(seeds, dtype=torch.long)
+        if seeds.shape != (B,):
+            raise ValueError(f"seeds must have one int64 per image, shape ({B},), got {tuple(seeds.shape)}")
+        keys = row_keys(seeds.to(device), per_row)  # (R,)
+    unfinished = torch.ones(ids.shape[0], dtype=torch.bool, device=device)
     while ids.shape[1] < max_length:
-        scores, past = _step(decoder, ids, past, cross, enc_mask, use_cache)  # (R, V)
+        scores = steps(ids)  # (R, V)
         scores = _repetition_penalty(scores, ids, repetition_penalty)
         scores = _min_length(scores, ids.shape[1], min_length, eos_token_id)
-        if sample:
-            nxt = _sample(scores, top_k, top_p, gens if gens is not None else generator, per_row, unfinished)
-        else:
-            nxt = scores.argmax(-1)
+        nxt = _sample(scores, top_k, top_p, keys, ids.shape[1]) if sample else scores.argmax(-1)
         nxt = torch.where(unfinished, nxt, torch.full_like(nxt, pad_token_id))
         ids = torch.cat([ids, nxt[:, None]], dim=1)
         unfinished &= nxt != eos_token_id
@@ -164,8 +315,7 @@ def generate_ids(
 
 
 def _beam_search(
-    decoder, ids, cross, enc_mask, B, nb, prompt_len, eos, pad, max_length, min_length, penalty, beam_length,
-    length_penalty, use_cache,
+    steps, ids, B, nb, prompt_len, eos, pad, max_length, min_length, penalty, beam_length, length_penalty,
 ) -> torch.Tensor:  # fmt: skip
     if beam_length not in ("original", "hf"):
         raise ValueError(f"beam_length must be 'original' or 'hf', got {beam_length!r}")
@@ -175,7 +325,6 @@ def _beam_search(
     beam_scores = torch.zeros(B, nb, device=device)
     beam_scores[:, 1:] = -1e9  # only the first beam is live at the start (all beams are identical)
     beam_scores = beam_scores.view(-1)
-    past = None
 
     def norm_len(new_len: int, finished_by_eos: bool) -> int:
         if beam_length == "hf":
@@ -184,7 +333,7 @@ def _beam_search(
 
     while ids.shape[1] < max_length:
         cur_len = ids.shape[1]
-        logits, past = _step(decoder, ids, past, cross, enc_mask, use_cache)
+        logits = steps(ids)  # (R, V)
         scores = F.log_softmax(logits, dim=-1)
         scores = _repetition_penalty(scores, ids, penalty)
         scores = _min_length(scores, cur_len, min_length, eos)
@@ -219,8 +368,7 @@ def _beam_search(
         rows_t = torch.tensor(new_rows, device=device)
         beam_scores = torch.tensor(new_scores, device=device)
         ids = torch.cat([ids[rows_t], torch.tensor(new_tokens, device=device)[:, None]], dim=1)
-        if past is not None:
-            past = [(k[rows_t], v[rows_t]) for k, v in past]
+        steps.reorder(rows_t)
         if all(done):
             break
 

@@ -112,7 +112,8 @@ class VisionTransformer(nn.Module):
 #   unimodal encoder  ([CLS] first, no image)           -> ITC
 #   image-grounded encoder ([ENC] first, cross-attn)    -> ITM
 #   image-grounded decoder ([DEC] first, causal)        -> LM
-# Self-attention keys/values can be cached for decoding; cross-attention keys/values are computed once per image.
+# Decoding writes self-attention keys/values into a static cache preallocated to max_length (fixed shapes, so a step
+# can be captured); cross-attention keys/values are computed once per image.
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (B, nh, S, hd) each
 
@@ -128,9 +129,9 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout)
         self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings).unsqueeze(0))
 
-    def forward(self, input_ids: torch.Tensor, past_length: int = 0) -> torch.Tensor:
-        T = input_ids.shape[1]
-        pos = self.position_ids[:, past_length : past_length + T]
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T); position_ids (T,) default 0..T-1 (a decoding step passes its cache positions)."""
+        pos = self.position_ids[:, : input_ids.shape[1]] if position_ids is None else position_ids
         x = self.word_embeddings(input_ids) + self.position_embeddings(pos)  # (B, T, H)
         return self.dropout(self.LayerNorm(x))
 
@@ -154,13 +155,20 @@ class BertSelfAttention(nn.Module):
         return self._heads(self.key(x)), self._heads(self.value(x))
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: KV | None = None, past: KV | None = None
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        kv: KV | None = None,
+        cache: KV | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV]:
         q = self._heads(self.query(x))  # (B, nh, T, hd)
-        if kv is None:  # self-attention, extending the cache if there is one
-            k, v = self.kv(x)
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        if kv is None:  # self-attention
+            k, v = self.kv(x)  # (B, nh, T, hd)
+            if cache is not None:  # static cache (B, nh, T_max, hd): write these T positions in place, attend to all
+                cache[0].index_copy_(2, cache_position, k)
+                cache[1].index_copy_(2, cache_position, v)
+                k, v = cache  # (B, nh, T_max, hd); `mask` hides the positions not written yet
         else:  # cross-attention on precomputed image keys/values
             k, v = kv
         p = self.dropout_p if self.training else 0.0
@@ -212,9 +220,10 @@ class BertLayer(nn.Module):
         mask: torch.Tensor | None,
         cross_kv: KV | None = None,
         cross_mask: torch.Tensor | None = None,
-        past: KV | None = None,
+        cache: KV | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KV]:
-        a, present = self.attention.self(x, mask, past=past)
+        a, present = self.attention.self(x, mask, cache=cache, cache_position=cache_position)
         x = self.attention.output(a, x)
         if cross_kv is not None:  # image-grounded modes; the unimodal encoder skips this
             c, _ = self.crossattention.self(x, cross_mask, kv=cross_kv)
@@ -251,37 +260,45 @@ class BertModel(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         causal: bool = False,
-        past_key_values: list[KV] | None = None,
         cross_kv: list[KV] | None = None,
+        kv_cache: list[KV] | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
-        """input_ids (B, T), attention_mask (B, past + T) -> hidden states (B, T, H), self-attention cache."""
+        """input_ids (B, T), attention_mask (B, T) -> hidden states (B, T, H), self-attention keys/values per layer.
+
+        Decoding step: `kv_cache` (per layer, (B, nh, T_max, hd) each) and `cache_position` (T,) = the positions of
+        input_ids; their keys/values are written into the cache in place and each query attends to the cache up to its
+        own position (a boolean mask (T, T_max)), so every step has the same shapes. `attention_mask` must be None.
+        """
         B, T = input_ids.shape
-        past_length = past_key_values[0][0].shape[2] if past_key_values else 0
-        x = self.embeddings(input_ids, past_length)
+        x = self.embeddings(input_ids, cache_position)
         dtype = x.dtype
 
         mask = None
-        # one cached decoding step (T == 1) may see every key: no mask to build on the per-token path
-        if attention_mask is not None or (causal and T > 1):
-            S = past_length + T
-            allowed = torch.ones(B, 1, T, S, dtype=torch.bool, device=x.device)
+        if kv_cache is not None:
+            T_max = kv_cache[0][0].shape[2]
+            mask = torch.arange(T_max, device=x.device)[None, :] <= cache_position[:, None]  # (T, T_max)
+        elif attention_mask is not None or (causal and T > 1):
+            allowed = torch.ones(B, 1, T, T, dtype=torch.bool, device=x.device)
             if attention_mask is not None:
                 allowed = allowed & attention_mask[:, None, None, :].bool()
             if causal:
-                q_pos = torch.arange(past_length, S, device=x.device)[:, None]
-                allowed = allowed & (torch.arange(S, device=x.device)[None, :] <= q_pos)
-            mask = _additive_mask(allowed, dtype)  # (B, 1, T, S)
+                allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            mask = _additive_mask(allowed, dtype)  # (B, 1, T, T)
 
         if cross_kv is None and encoder_hidden_states is not None:
             cross_kv = self.cross_kv(encoder_hidden_states.to(dtype))
         cross_mask = None
-        if cross_kv is not None and encoder_attention_mask is not None and not bool(encoder_attention_mask.all()):
-            cross_mask = _additive_mask(encoder_attention_mask[:, None, None, :].bool(), dtype)  # (B, 1, 1, L)
+        # a decoding step builds the mask without looking at its values (no host sync inside a captured step)
+        if cross_kv is not None and encoder_attention_mask is not None:
+            if kv_cache is not None or not bool(encoder_attention_mask.all()):
+                cross_mask = _additive_mask(encoder_attention_mask[:, None, None, :].bool(), dtype)  # (B, 1, 1, L)
 
         presents = []
         for i, layer in enumerate(self.encoder.layer):
-            past = past_key_values[i] if past_key_values else None
-            x, present = layer(x, mask, cross_kv[i] if cross_kv is not None else None, cross_mask, past)
+            cache = kv_cache[i] if kv_cache is not None else None
+            ckv = cross_kv[i] if cross_kv is not None else None
+            x, present = layer(x, mask, ckv, cross_mask, cache, cache_position)
             presents.append(present)
         return x, presents
 
@@ -333,8 +350,9 @@ class BertLMHeadModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_hidden_states: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
-        past_key_values: list[KV] | None = None,
         cross_kv: list[KV] | None = None,
+        kv_cache: list[KV] | None = None,
+        cache_position: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         h, presents = self.bert(
             input_ids,
@@ -342,8 +360,9 @@ class BertLMHeadModel(nn.Module):
             encoder_hidden_states,
             encoder_attention_mask,
             causal=True,
-            past_key_values=past_key_values,
             cross_kv=cross_kv,
+            kv_cache=kv_cache,
+            cache_position=cache_position,
         )
         return self.cls.predictions(h), presents  # (B, T, V)
 
@@ -478,11 +497,18 @@ class CaptionMixin:
         top_k: int = 50,
         repetition_penalty: float = 1.0,
         num_captions: int = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
+        seeds: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
         beam_length: str = "original",
         use_cache: bool = True,
+        compile: str = "auto",
     ) -> torch.Tensor:
-        """Token ids (B * num_captions, T) including [DEC] + prompt; lengths count the prompt (as the original)."""
+        """Token ids (B * num_captions, T) including [DEC] + prompt; lengths count the prompt (as the original).
+
+        Sampling: `seeds` (B,) int64, one per image, makes an image's captions independent of its batch; otherwise
+        seeds are drawn from `generator` (or the global one). `compile`: "auto" (on for CUDA) | "off" | "on", the
+        decode step under torch.compile. See blip.generate.generate_ids.
+        """
         image_embeds = self.encode_image(pixel_values)
         prompt = self.prompt_ids(image_embeds.shape[0])
         return _generate_ids(
@@ -499,9 +525,11 @@ class CaptionMixin:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             num_return=num_captions,
+            seeds=seeds,
             generator=generator,
             beam_length=beam_length,
             use_cache=use_cache,
+            compile=compile,
         )
 
     @torch.no_grad()

@@ -80,10 +80,10 @@ def caption_files(
                 pixels, sample=False, num_beams=beam or 3, max_length=max_length, min_length=min_length
             )
         else:
-            gens = [torch.Generator(model.device).manual_seed(seed + start + i) for i in range(len(pixels))]
+            seeds = seed + start + torch.arange(len(pixels))  # (B,): image i of the list is seeded by seed + i
             caps = model.generate(
                 pixels, sample=True, top_p=top_p, num_captions=num_captions, max_length=max_length,
-                min_length=min_length, repetition_penalty=1.1, generator=gens,
+                min_length=min_length, repetition_penalty=1.1, seeds=seeds,
             )  # fmt: skip
         results += zip(images[start : start + batch_size], caps)
     return results

@@ -1,8 +1,9 @@
 """CapFilt stages on in-memory batches (dicts of arrays / lists): plain classes with `setup()` + `__call__(batch)`.
 
-`DecodeStage` (image bytes -> uint8 pixels or a `decode_error` row) lives in capfilt/decode.py. `CapFiltStage` holds the captioner and the filter on one device and, per batch: N synthetic captions by nucleus
-sampling (one torch.Generator per sample, seeded from (seed, key), so reruns, retries and a different batch
-composition give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
+`DecodeStage` (image bytes -> uint8 pixels or a `decode_error` row) lives in capfilt/decode.py. `CapFiltStage` holds
+the captioner and the filter on one device and, per batch: N synthetic captions by nucleus sampling (counter-based
+noise keyed by one seed per sample, `sample_seed(seed, key)`, so reruns, retries and a different batch composition or
+batch size give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
 each synthetic caption; a text is kept when its ITM probability >= threshold, a sample when any text is kept.
 No Ray in here: pipelines/run.py adapts these classes to Ray Data.
 """
@@ -84,6 +85,7 @@ class CapFiltSettings:
     batch_size: int = 32  # images per forward pass; larger batches are processed in chunks
     seed: int = 0
     text_max_length: int = 35  # filter tokenisation, as the original retrieval code
+    compile: str = "auto"  # the captioner's decode step under torch.compile: auto (on for CUDA) | off | on
 
     def validate(self) -> None:
         checks = [
@@ -100,6 +102,10 @@ class CapFiltSettings:
             (
                 self.dtype in ("auto", *DTYPES),
                 f"unknown dtype {self.dtype!r}; expected auto or one of {sorted(DTYPES)}",
+            ),
+            (
+                self.compile in ("auto", "off", "on"),
+                f"compile must be 'auto', 'off' or 'on', got {self.compile!r}",
             ),
         ]
         for ok, msg in checks:
@@ -165,7 +171,7 @@ class CapFiltStage(CapFiltSettings):
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self._device, non_blocking=True)  # (B, S, S, 3) uint8
         caps: list[list[str]] = [[] for _ in keys]
         if self.num_captions > 0:
-            gens = [torch.Generator(device=self._device).manual_seed(sample_seed(self.seed, k)) for k in keys]
+            seeds = torch.tensor([sample_seed(self.seed, k) for k in keys], dtype=torch.long)  # (B,)
             caps = self.cap_model.generate(
                 self._pixels_for(x, self.cap_model),
                 sample=True,
@@ -174,7 +180,8 @@ class CapFiltStage(CapFiltSettings):
                 max_length=self.max_length,
                 min_length=self.min_length,
                 repetition_penalty=self.repetition_penalty,
-                generator=gens,
+                seeds=seeds,
+                compile=self.compile,
             )
         texts = [([w] if w is not None else []) + c for w, c in zip(webs, caps)]
         itm, itc = self.filt_model.score(self._pixels_for(x, self.filt_model), texts, self.text_max_length)

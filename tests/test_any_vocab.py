@@ -118,8 +118,7 @@ def run_every_entry_point(model: torch.nn.Module) -> list[torch.Tensor]:
     if hasattr(model, "generate_ids"):
         beam = model.generate_ids(px, sample=False, num_beams=2, max_length=12)
         greedy = model.generate_ids(px, sample=False, num_beams=1, max_length=12, use_cache=False)
-        gens = [torch.Generator().manual_seed(i) for i in range(2)]
-        sampled = model.generate_ids(px, sample=True, num_captions=2, max_length=12, generator=gens)
+        sampled = model.generate_ids(px, sample=True, num_captions=2, max_length=12, seeds=torch.tensor([0, 1]))
         assert beam[:, 0].eq(c.bos_token_id).all() and len(model.generate(px, sample=False, num_beams=2)) == 2
         out += [beam, greedy, sampled]
     if hasattr(model, "score"):

@@ -156,9 +156,9 @@ def test_gradient_checkpointing_same_output(tok):
 def test_cached_and_uncached_decoding_identical(tok, kw):
     model = make("caption", tok).eval()
     x = images(3)
-    gens = lambda: [torch.Generator().manual_seed(i) for i in range(3)]  # noqa: E731
-    a = model.generate_ids(x, generator=gens() if kw.get("sample") else None, use_cache=True, **kw)
-    b = model.generate_ids(x, generator=gens() if kw.get("sample") else None, use_cache=False, **kw)
+    seeds = torch.arange(3) if kw.get("sample") else None
+    a = model.generate_ids(x, seeds=seeds, use_cache=True, **kw)
+    b = model.generate_ids(x, seeds=seeds, use_cache=False, **kw)
     assert torch.equal(a, b)
 
 
@@ -175,19 +175,17 @@ def test_generation_lengths_count_the_prompt(tok):
     assert not any(c.startswith("a picture of") for cs in caps for c in cs)
 
 
-def test_per_image_generators_make_captions_independent_of_batch(tok):
+def test_per_image_seeds_make_captions_independent_of_batch(tok):
+    """One seed per image: an image's captions are the same alone, in a batch, and on a second run (more in
+    tests/test_generate.py)."""
     model = make("caption", tok).eval()
     x = images(3)
-    full = model.generate_ids(
-        x, sample=True, num_captions=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)]
-    )
-    alone = model.generate_ids(x[1:2], sample=True, num_captions=2, generator=[torch.Generator().manual_seed(6)])
+    full = model.generate_ids(x, sample=True, num_captions=2, seeds=torch.tensor([5, 6, 7]))
+    alone = model.generate_ids(x[1:2], sample=True, num_captions=2, seeds=torch.tensor([6]))
     n = alone.shape[1]
     assert torch.equal(full[2:4, :n], alone)
-    again = model.generate_ids(
-        x, sample=True, num_captions=2, generator=[torch.Generator().manual_seed(s) for s in (5, 6, 7)]
-    )
-    assert torch.equal(full, again)
+    assert torch.equal(full, model.generate_ids(x, sample=True, num_captions=2, seeds=torch.tensor([5, 6, 7])))
+    assert not torch.equal(full, model.generate_ids(x, sample=True, num_captions=2, seeds=torch.tensor([5, 9, 7])))
 
 
 def test_score_shapes_and_ranges(tok):
@@ -235,12 +233,11 @@ def test_drop_path_only_in_training(tok):
      (0, 0.5, [1.0, 0, 0, 0])],
 )  # fmt: skip
 def test_sampler_draws_the_truncated_distribution(top_k, top_p, expected):
-    from blip.generate import _sample
+    from blip.generate import _sample, row_keys
 
     n = 40000
     scores = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().repeat(n, 1)  # (n, V)
-    g = torch.Generator().manual_seed(0)
-    draws = _sample(scores, top_k, top_p, g, per_row=n, active=torch.ones(n, dtype=torch.bool))
+    draws = _sample(scores, top_k, top_p, row_keys(torch.arange(n), per_row=1), step=4)  # n seeds, one row each
     freq = torch.bincount(draws, minlength=4).float() / n
     torch.testing.assert_close(freq, torch.tensor(expected), atol=0.01, rtol=0)
 

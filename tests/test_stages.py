@@ -85,7 +85,7 @@ def test_threshold_extremes(models):
 
 
 def test_captions_independent_of_batch_composition(models):
-    """Per-key generators: a sample's captions and scores do not depend on its batch, its position or a rerun."""
+    """Per-key seeds: a sample's captions and scores do not depend on its batch, its position or a rerun."""
     stage = _stage(models, num_captions=3, seed=7)
     full = _batch(5, seed=3)  # 5 images x 3 captions
     out_full = stage(full)
@@ -97,11 +97,23 @@ def test_captions_independent_of_batch_composition(models):
             np.testing.assert_allclose(out_sub["synthetic_itm"][j], out_full["synthetic_itm"][i], atol=1e-5)
             np.testing.assert_allclose(out_sub["web_itc"][j], out_full["web_itc"][i], atol=1e-5)
     # chunking inside the stage (batch_size < batch) gives the same results too
-    chunked = _stage(models, num_captions=3, seed=7, batch_size=2)(full)
-    assert chunked["synthetic_captions"] == out_full["synthetic_captions"]
+    for bs in (2, 1):
+        chunked = _stage(models, num_captions=3, seed=7, batch_size=bs)(full)
+        assert chunked["synthetic_captions"] == out_full["synthetic_captions"]
     # another run seed gives other captions (random tiny models sample nearly uniformly over 30k tokens)
     other = _stage(models, num_captions=3, seed=8)(full)
     assert other["synthetic_captions"] != out_full["synthetic_captions"]
+
+
+def test_compile_setting_reaches_the_decoder(models, monkeypatch):
+    seen = []
+    real = models[0].generate_ids
+    monkeypatch.setattr(models[0], "generate_ids", lambda *a, **kw: seen.append(kw["compile"]) or real(*a, **kw))
+    _stage(models, num_captions=1, compile="off")(_batch(2))
+    _stage(models, num_captions=1)(_batch(2))
+    assert seen == ["off", "auto"]
+    with pytest.raises(ValueError, match="compile must be"):
+        _stage(models, compile="yes")
 
 
 def test_sample_seed_is_stable():
