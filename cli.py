@@ -488,6 +488,12 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
 @click.option("--retries", type=int, default=None, help="Retries of a shard whose actor died or that raised.")
 @device_options(device=None, dtype=None)
 @click.option("--seed", type=int, default=None, help="Caption seed (combined with each sample key).")
+@click.option(
+    "--compile",
+    type=click.Choice(["auto", "off", "on"]),
+    default=None,
+    help="torch.compile the decode step (CUDA graphs on CUDA); auto: on for CUDA, off on CPU. Same ids either way.",
+)
 @storage_options_option
 @click.option("--no-progress", is_flag=True, help="No progress bars or per-shard lines; only the final summary.")
 @click.option(

@@ -23,12 +23,13 @@ from typing import Any
 
 import fsspec
 
+from blip.generate import SAMPLER
 from pipelines.io import write_bytes_atomic
 
 MANIFEST = "_run.json"
 # Bump when the same models and settings would write other rows (a new sampler, another score); a folder made by an
 # earlier output version is then refused like one made with other settings.
-OUTPUT_VERSION = 1
+OUTPUT_VERSION = 2  # 2: counter-based sampling noise (blip.generate.SAMPLER), other captions for the same seed
 # The RunConfig fields that change an output row. Models and input are compared separately; `dtype` is recorded as
 # resolved (auto -> bfloat16 on CUDA, float32 on CPU) when the device is known before Ray starts.
 OUTPUT_SETTINGS = (
@@ -115,7 +116,7 @@ def build_manifest(cfg: Any, previous: dict[str, Any] | None = None) -> dict[str
             "captioner": model_fingerprint(cfg.captioner, models.get("captioner")),
             "filter": model_fingerprint(cfg.filter, models.get("filter")),
         },
-        "settings": output_settings(cfg),
+        "settings": {**output_settings(cfg), "sampler": SAMPLER},
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": socket.gethostname(),
     }
