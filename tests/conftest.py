@@ -289,3 +289,201 @@ def ray_cluster_3(_ray_session_cleanup: None) -> Iterator[Any]:
     finally:
         _ray_shutdown()
         cluster.shutdown()
+
+
+# -- a real autoscaling cluster: Ray's fake multi-node provider on this machine --------------------------------
+# ray.cluster_utils.AutoscalingCluster is not usable as shipped (its example.yaml is missing from the wheel and its
+# start()/shutdown() run `ray stop --force`, which kills every Ray on the machine), so the head is started here with
+# `ray start --head --autoscaling-config=...` in a temp dir of its own, and only that cluster's processes are killed.
+FAKE_WORKER_TYPE = "capfilt.worker"
+FAKE_GPU = "fake_gpu"
+
+
+@dataclass
+class AutoscalingTestCluster:
+    """A running fake-autoscaler cluster: a head with no CPUs and `capfilt.worker` nodes (1 CPU + 1 `fake_gpu`)."""
+
+    address: str  # for ray.init(address=...) and `--address`
+    temp_dir: str
+    config_path: str
+    idle_timeout_s: float
+    start_s: float  # seconds `ray start --head` took
+
+    def alive_worker_nodes(self) -> int:
+        """Alive nodes that have the fake_gpu resource (the driver must be connected)."""
+        import ray
+
+        return sum(1 for n in ray.nodes() if n["Alive"] and n["Resources"].get(FAKE_GPU, 0) > 0)
+
+    def worker_node_ids(self) -> list[str]:
+        import ray
+
+        return [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get(FAKE_GPU, 0) > 0]
+
+    @staticmethod
+    def wait_for(pred: Any, timeout: float, interval: float = 0.5) -> float:
+        """Poll `pred()` until true; returns the seconds waited, raises TimeoutError after `timeout`."""
+        import time
+
+        t0 = time.monotonic()
+        while not pred():
+            if time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"condition not met within {timeout} s")
+            time.sleep(interval)
+        return time.monotonic() - t0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _psutil() -> Any:
+    """psutil as Ray vendors it (ray/thirdparty_files, on sys.path once ray is imported); not a dependency here."""
+    import importlib
+
+    import ray  # noqa: F401
+
+    return importlib.import_module("psutil")
+
+
+def _cluster_processes(*marks: str) -> list[Any]:
+    """Every process whose command line names one of `marks` -- the cluster's temp dir or GCS address: gcs_server,
+    raylets, monitor, log monitors, client server, workers of the head and of the fake nodes -- plus all their
+    descendants."""
+    psutil = _psutil()
+
+    found: dict[int, Any] = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != os.getpid() and any(m in a for a in p.info["cmdline"] or () for m in marks):
+                found[p.pid] = p
+                for c in p.children(recursive=True):
+                    found[c.pid] = c
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return list(found.values())
+
+
+def _kill_cluster(*marks: str) -> None:
+    psutil = _psutil()
+
+    for _ in range(3):
+        procs = _cluster_processes(*marks)
+        if not procs:
+            return
+        for p in procs:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=5)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=5)
+
+
+@pytest.fixture
+def autoscaling_cluster(_ray_session_cleanup: None) -> Iterator[AutoscalingTestCluster]:
+    """A real Ray cluster with Ray's fake multi-node autoscaler; yields an `AutoscalingTestCluster`.
+
+    Head: 0 CPUs, nothing runs there. Worker type `capfilt.worker`: {"CPU": 1, "fake_gpu": 1}, 0..3 nodes,
+    idle timeout 6 s, autoscaler loop every 1 s. The driver is not connected: call `ray.init(address=c.address)`.
+    Any Ray runtime of this process is shut down first; the connection and the cluster's processes (only its own,
+    found by its temp dir) are gone afterwards.
+    """
+    import json
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import ray._private.services as services
+
+    _ray_shutdown()
+    temp_dir = tempfile.mkdtemp(prefix="rayas", dir="/tmp")  # short: Ray's unix socket paths must fit 107 chars
+    port = _free_port()
+    ip = services.get_node_ip_address()
+    idle_timeout_min = 0.1
+    config = {
+        "cluster_name": "capfilt-fake",
+        "max_workers": 3,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_min,
+        # As upstream's fake_multi_node/example.yaml (absent from the wheel): no node updaters (they would try SSH and
+        # mark every node "launch failed"), nodes named by id; gcs_address, else the provider assumes port 6379;
+        # launch_multiple: one launch call starts `count` nodes, not one.
+        "provider": {
+            "type": "fake_multinode",
+            "use_node_id_as_ip": True,
+            "disable_node_updaters": True,
+            "disable_launch_config_check": True,
+            "launch_multiple": True,
+            "gcs_address": f"{ip}:{port}",
+        },
+        "auth": {},
+        "docker": {},
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+        "head_node_type": "ray.head.default",
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            FAKE_WORKER_TYPE: {
+                "resources": {"CPU": 1, FAKE_GPU: 1, "object_store_memory": 100 * 1024**2},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 3,
+            },
+        },
+    }
+    config_path = os.path.join(temp_dir, "autoscaling.json")
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    # RAY_AUTH_MODE=disabled: `ray start` would otherwise turn token auth on when ~/.ray/auth_token exists, and a
+    # driver without the token could not connect.
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"}
+    ray_exe = os.path.join(os.path.dirname(sys.executable), "ray")
+    cmd = [
+        ray_exe,
+        "start",
+        "--head",
+        f"--port={port}",
+        f"--node-ip-address={ip}",
+        f"--temp-dir={temp_dir}",
+        f"--autoscaling-config={config_path}",
+        "--num-cpus=0",
+        "--num-gpus=0",
+        f"--object-store-memory={100 * 1024**2}",
+        "--include-dashboard=false",
+        "--disable-usage-stats",
+    ]
+    t0 = time.monotonic()
+    try:
+        subprocess.run(cmd, env=env, check=True, capture_output=True, text=True, timeout=120)
+        start_s = time.monotonic() - t0
+        services.find_gcs_addresses.cache_clear()
+        yield AutoscalingTestCluster(f"{ip}:{port}", temp_dir, config_path, idle_timeout_min * 60, start_s)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"ray start --head failed:\n{e.stdout}\n{e.stderr}") from e
+    finally:
+        _ray_shutdown()
+        _kill_cluster(temp_dir, f"{ip}:{port}")
+        services.find_gcs_addresses.cache_clear()
+        if not os.environ.get("CAPFILT_KEEP_RAY_TMP"):
+            shutil.rmtree(temp_dir, ignore_errors=True)
