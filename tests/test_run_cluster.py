@@ -230,3 +230,37 @@ def test_draining_node_gets_no_new_shards(_ray_session_cleanup, tmp_path, capfil
     finally:
         _ray_shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_elastic_pool_on_the_fake_autoscaler(autoscaling_cluster, tmp_path, capfilt_models):
+    """Ray's own autoscaler (fake multi-node provider): the job starts with no worker node; the nodes come because
+    capfilt asked for them (`request_resources`, one bundle per wanted actor); actors run on several of them; every
+    key exactly once; after the job the request is cleared and the worker nodes scale down."""
+    import ray
+
+    from tests.conftest import FAKE_GPU
+
+    c = autoscaling_cluster
+    ray.init(address=c.address)
+    assert c.alive_worker_nodes() == 0
+    ray.shutdown()
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, 96, seed=11, image_size=64, samples_per_shard=4)  # 24 shards
+    out = tmp_path / "out"
+    cfg = tiny_config(
+        corpus, str(out), capfilt_models, address=c.address, actors="auto", max_actors=3, batch_size=1,
+        actor_resources={FAKE_GPU: 1},
+    )  # fmt: skip
+    summary = run_capfilt(cfg, processor_cls=SlowBatches)
+    assert summary["failed_shards"] == [] and summary["counts"]["in"] == 96
+    check_output(str(out), corpus)
+    nodes = {json.loads(p.read_text())["node"] for p in out.glob("_state/*.json")}
+    assert len(nodes) >= 2, nodes  # the pool grew onto the nodes the autoscaler added for it
+    assert len(summary["per_node"]) == len(nodes) and summary["driver"]["actors_started"] >= 2
+    ray.init(address=c.address)
+    try:
+        assert not set(nodes) - {n["NodeID"] for n in ray.nodes()}  # they were this cluster's worker nodes
+        c.wait_for(lambda: c.alive_worker_nodes() == 0, timeout=120)  # request cleared, idle nodes removed
+    finally:
+        ray.shutdown()
