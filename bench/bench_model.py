@@ -13,11 +13,13 @@ the way a user of its API scores pairs. Prints images/s for both and the ratio (
     python bench/bench_model.py --size base --only beam sample --compile on   # capfilt's decode step compiled
 """
 
+# ruff: noqa: B023  (the timed lambdas are called inside their loop iteration)
 from __future__ import annotations
 
 import argparse
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +31,9 @@ import blip
 from blip.config import BlipConfig
 from blip.convert import config_to_hf
 from blip.tokenizer import write_vocab
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import flops as model_flops  # noqa: E402  (bench/flops.py)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,6 +87,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--only", nargs="*", default=["beam", "sample", "itm"], choices=["beam", "sample", "itm"])
     ap.add_argument("--compile", default="auto", choices=["auto", "off", "on"], help="capfilt's decode step")
+    ap.add_argument(
+        "--lengths",
+        default="both",
+        choices=["natural", "equal", "both"],
+        help="natural: each side stops at its own EOS; equal: min_length = max_length on both sides (fair); both",
+    )
+    ap.add_argument("--max-length", type=int, default=20, help="caption length incl. the prompt")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak for MFU (default: from the GPU name)")
     args = ap.parse_args()
     dtype, dev = DTYPES[args.dtype], args.device
     torch.manual_seed(0)
@@ -102,30 +115,61 @@ def main() -> None:
             S = cfg.vision.image_size
             pixels = torch.randn(B, 3, S, S, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
             prompt = ours.prompt_ids(B)  # [DEC] a picture of
+            P, M = prompt.shape[1], args.max_length
+            gen = M - P  # generated tokens per caption when lengths are forced equal
+            modes = ["natural", "equal"] if args.lengths == "both" else [args.lengths]
+            vit = model_flops.vit_flops(cfg)
             with torch.inference_mode():
-                if "beam" in args.only:
-                    kw = dict(num_beams=3, max_length=20, min_length=5, repetition_penalty=1.0)
-                    t_ours = timeit(
-                        lambda: ours.generate_ids(pixels, sample=False, compile=args.compile, **kw), args.reps, dev
-                    )
-                    t_ref = timeit(lambda: ref.generate(pixel_values=pixels, input_ids=prompt, **kw), args.reps, dev)
-                    rows.append(("caption beam=3", B / t_ours, B / t_ref))
-                if "sample" in args.only:
-                    N = args.num_captions
-                    kw = dict(max_length=20, min_length=5, top_p=0.9, top_k=50, repetition_penalty=1.1)
-                    t_ours = timeit(
-                        lambda: ours.generate_ids(pixels, sample=True, num_captions=N, compile=args.compile, **kw),
-                        args.reps,
-                        dev,
-                    )
-                    t_ref = timeit(
-                        lambda: ref.generate(
-                            pixel_values=pixels, input_ids=prompt, do_sample=True, num_return_sequences=N, **kw
-                        ),
-                        args.reps,
-                        dev,
-                    )
-                    rows.append((f"caption sample x{N}", B / t_ours, B / t_ref))
+                for mode in modes:
+                    min_len = M if mode == "equal" else 5
+                    tag = " =len" if mode == "equal" else ""
+                    if "beam" in args.only:
+                        kw = dict(num_beams=3, max_length=M, min_length=min_len, repetition_penalty=1.0)
+                        t_ours = timeit(
+                            lambda: ours.generate_ids(pixels, sample=False, compile=args.compile, **kw),
+                            args.reps,
+                            dev,
+                        )
+                        t_ref = timeit(
+                            lambda: ref.generate(pixel_values=pixels, input_ids=prompt, **kw),
+                            args.reps,
+                            dev,
+                        )
+                        eq = mode == "equal"
+                        fl = vit + model_flops.decoder_flops_per_image(cfg, tokens=gen, captions=3, prompt_len=P)
+                        rows.append(
+                            ("caption beam=3" + tag, B / t_ours, B / t_ref, 3 * gen if eq else None, fl if eq else None)
+                        )
+                    if "sample" in args.only:
+                        N = args.num_captions
+                        kw = dict(max_length=M, min_length=min_len, top_p=0.9, top_k=50, repetition_penalty=1.1)
+                        t_ours = timeit(
+                            lambda: ours.generate_ids(pixels, sample=True, num_captions=N, compile=args.compile, **kw),
+                            args.reps,
+                            dev,
+                        )
+                        t_ref = timeit(
+                            lambda: ref.generate(
+                                pixel_values=pixels,
+                                input_ids=prompt,
+                                do_sample=True,
+                                num_return_sequences=N,
+                                **kw,
+                            ),
+                            args.reps,
+                            dev,
+                        )
+                        eq = mode == "equal"
+                        fl = vit + model_flops.decoder_flops_per_image(cfg, tokens=gen, captions=N, prompt_len=P)
+                        rows.append(
+                            (
+                                f"caption sample x{N}" + tag,
+                                B / t_ours,
+                                B / t_ref,
+                                N * gen if eq else None,
+                                fl if eq else None,
+                            )
+                        )
             del ref, ours
 
         if "itm" in args.only:
@@ -151,11 +195,25 @@ def main() -> None:
             with torch.inference_mode():
                 t_ours = timeit(lambda: ours.score(pixels, texts), args.reps, dev)
                 t_ref = timeit(hf_itm, args.reps, dev)
-            rows.append((f"itm+itc x{args.texts} texts", B / t_ours, B / t_ref))
+            fl = model_flops.filter_flops_per_image(cfg, texts=args.texts, text_len=ids.shape[1])
+            rows.append((f"itm+itc x{args.texts} texts", B / t_ours, B / t_ref, None, fl))
 
-    print(f"{'task':<24}{'capfilt img/s':>15}{'transformers img/s':>20}{'ratio':>8}")
-    for name, ours_ips, ref_ips in rows:
-        print(f"{name:<24}{ours_ips:>15.2f}{ref_ips:>20.2f}{ours_ips / ref_ips:>7.2f}x")
+    peak = args.peak_tflops
+    if peak is None and dev.startswith("cuda"):
+        peak = model_flops.peak_tflops(torch.cuda.get_device_name())
+    # tokens/s: generated tokens (all beams / captions), only where the lengths are forced equal (known exactly);
+    # MFU: model FLOPs (bench/flops.py) per image x images/s / peak, on CUDA or with --peak-tflops
+    print(
+        f"{'task':<28}{'capfilt img/s':>15}{'transformers img/s':>20}{'ratio':>8}"
+        f"{'capfilt tok/s':>15}{'hf tok/s':>12}{'capfilt MFU':>13}{'hf MFU':>9}"
+    )
+    for name, ours_ips, ref_ips, tok, fl in rows:
+        tk = f"{ours_ips * tok:>15.1f}{ref_ips * tok:>12.1f}" if tok else f"{'-':>15}{'-':>12}"
+        if peak and fl:
+            mf = f"{100 * model_flops.mfu(fl, ours_ips, peak):>12.1f}%{100 * model_flops.mfu(fl, ref_ips, peak):>8.1f}%"
+        else:
+            mf = f"{'-':>13}{'-':>9}"
+        print(f"{name:<28}{ours_ips:>15.2f}{ref_ips:>20.2f}{ours_ips / ref_ips:>7.2f}x{tk}{mf}")
 
 
 if __name__ == "__main__":
