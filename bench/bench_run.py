@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "capfilt.yaml"
 
 
-def _tiny_models(root: Path) -> tuple[str, str]:
+def _tiny_models(root: Path, size: str = "tiny") -> tuple[str, str]:
     import torch
 
     from blip import save_pretrained
@@ -41,7 +41,7 @@ def _tiny_models(root: Path) -> tuple[str, str]:
     out = []
     for family in ("caption", "retrieval"):
         torch.manual_seed(0)
-        m = MODEL_CLASSES[family](BlipConfig.from_name("tiny", family=family))
+        m = MODEL_CLASSES[family](BlipConfig.from_name(size, family=family))
         init_weights(m, std=0.2)
         m.tokenizer = tok
         out.append(str(save_pretrained(m, root / family)))
@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--captioner")
     ap.add_argument("--filter")
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU)")
+    ap.add_argument("--random-size", choices=["tiny", "base", "large"], help="random models of this preset (GPU check)")
     ap.add_argument("--config", default=None)
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--num-captions", type=int, default=None)
@@ -128,8 +129,8 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_run_"))
     cap, filt = args.captioner, args.filter
-    if args.tiny:
-        cap, filt = _tiny_models(work)
+    if args.tiny or args.random_size:
+        cap, filt = _tiny_models(work, args.random_size or "tiny")
     if not (cap and filt):
         ap.error("give --captioner and --filter, or --tiny")
     # the same shard count at two sizes: the difference is the steady state (actor start-up and model loading,
