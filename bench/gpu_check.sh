@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #   CAPFILT_GPU_CHECK_CPU=1 bash bench/gpu_check.sh OUT_DIR   # the same steps, tiny and on CPU (CI smoke test)
+# Step timeouts sum to 470 s (env 30, tests 90, base 100, large 130, run 120), plus `make setup` when needed.
 set -euo pipefail
 
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
@@ -36,18 +37,20 @@ if [ "$CPU" = 1 ]; then
     RUN_ARGS=(--tiny --config configs/capfilt_tiny.yaml --device cpu --samples 64 --shards 2 --batch-size 8)
     TESTS=(tests/test_bench.py -m "gpu or not gpu" -k "not smoke")
 else
-    DEV=cuda DTYPE=bf16 BATCH=64 SIZES="base large" REPS=3 NCAP=1
-    RUN_ARGS=(--random-size base --config configs/capfilt.yaml --device cuda --samples 4096 --shards 16 --batch-size 64)
+    DEV=cuda DTYPE=bf16 BATCH=64 SIZES="base large" REPS=2 NCAP=1
+    RUN_ARGS=(--random-size base --config configs/capfilt.yaml --device cuda --samples 2048 --shards 8 --batch-size 64)
     TESTS=(-m gpu tests/)
 fi
 
-step env 60 bash -c "nvidia-smi || echo 'no nvidia-smi'; $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); print(\"transformers\", transformers.__version__)'"
-step gpu_tests 150 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
+step env 30 bash -c "nvidia-smi || echo 'no nvidia-smi'; $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); print(\"transformers\", transformers.__version__)'"
+step gpu_tests 90 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 for size in $SIZES; do
-    step "bench_model_$size" 150 "$PY" bench/bench_model.py --size "$size" --batch "$BATCH" --dtype "$DTYPE" \
+    limit=100
+    [ "$size" = large ] && limit=130
+    step "bench_model_$size" "$limit" "$PY" bench/bench_model.py --size "$size" --batch "$BATCH" --dtype "$DTYPE" \
         --device "$DEV" --reps "$REPS" --num-captions "$NCAP" --texts 2 --lengths both
 done
-step bench_run 150 "$PY" bench/bench_run.py "${RUN_ARGS[@]}"
+step bench_run 120 "$PY" bench/bench_run.py "${RUN_ARGS[@]}"
 
 # the summary: every bench_model row (size, task, img/s, ratio, tok/s, MFU), the run-vs-loop ratio, step statuses
 {
