@@ -570,7 +570,8 @@ def _schedule(
                         failures_in_a_row, waited_since = 0, time.time()
                     except RayError as e:  # the actor could not start (model load failed, node died meanwhile)
                         failures_in_a_row += 1
-                        if failures_in_a_row > max(shape.lo, 1) * (cfg.retries + 1):
+                        # elastic: nodes come and go (an autoscaler may remove a node an actor was placed on)
+                        if failures_in_a_row > max(shape.lo, min(shape.hi, 8)) * (cfg.retries + 1):
                             raise RuntimeError(f"CapFilt actors keep failing to start; last error: {e}") from None
                     continue
                 if ref not in inflight:  # its actor was given up (drain deadline) and the shard requeued
