@@ -44,6 +44,44 @@ class SlowBatches(ShardProcessor):
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
+SLOT = {"num_cpus": 1, "resources": {"capfilt_slot": 1}, "object_store_memory": 150 * 1024**2}  # an actor's node type
+
+
+@pytest.fixture
+def slot_cluster(_ray_session_cleanup):
+    """A `ray.cluster_utils.Cluster` whose head holds no `capfilt_slot` (no actor lands there); tests add SLOT nodes."""
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import _ray_shutdown
+
+    _ray_shutdown()
+    cluster = Cluster(
+        initialize_head=True,
+        connect=False,
+        head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
+    )
+    try:
+        yield cluster
+    finally:
+        _ray_shutdown()
+        cluster.shutdown()
+
+
+def _job_in_thread(cfg) -> tuple[threading.Thread, dict]:
+    """run_capfilt in a thread (Ray's Cluster.add_node must run in the main thread); result["summary" | "error"]."""
+    result: dict = {}
+
+    def job() -> None:
+        try:
+            result["summary"] = run_capfilt(cfg, processor_cls=SlowBatches)
+        except BaseException as e:  # noqa: BLE001 - reported by the test's assertion
+            result["error"] = e
+
+    t = threading.Thread(target=job, daemon=True)
+    t.start()
+    return t, result
+
+
 @pytest.mark.slow
 def test_worker_node_lost_mid_run(ray_cluster_3, tmp_path, capfilt_models):
     """Two worker nodes, one actor each; one node is removed while both hold shards. Its shards are retried on the
@@ -84,64 +122,39 @@ def test_worker_node_lost_mid_run(ray_cluster_3, tmp_path, capfilt_models):
 
 
 @pytest.mark.slow
-def test_node_added_mid_run_gets_an_actor(_ray_session_cleanup, tmp_path, capfilt_models):
+def test_node_added_mid_run_gets_an_actor(slot_cluster, tmp_path, capfilt_models):
     """An elastic pool (`actors: 1:3`) on a cluster with one node of the actors' type: a second such node joins
     mid-run (as an autoscaler or an operator would add it); it gets an actor that commits shards, and every key ends
     up exactly once. The custom resource stands in for a GPU node type (`actor_resources`)."""
-    from ray.cluster_utils import Cluster
-
-    from tests.conftest import _ray_shutdown
-
-    _ray_shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
-    )
-    try:
-        first = cluster.add_node(num_cpus=1, resources={"capfilt_slot": 1}, object_store_memory=150 * 1024**2)
-        cluster.wait_for_nodes()
-        corpus = str(tmp_path / "corpus")
-        write_corpus(corpus, 48, seed=9, image_size=64, samples_per_shard=3)  # 16 shards
-        out = tmp_path / "out"
-        cfg = tiny_config(
-            corpus, str(out), capfilt_models, address=cluster.address, actors="1:3", batch_size=1,
-            actor_resources={"capfilt_slot": 1},
-        )  # fmt: skip
-        added: dict = {}
-        result: dict = {}
-
-        def job() -> None:  # in a thread: Ray's Cluster.add_node must run in the main thread
-            try:
-                result["summary"] = run_capfilt(cfg, processor_cls=SlowBatches)
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-                result["error"] = e
-
-        t = threading.Thread(target=job, daemon=True)
-        t.start()
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(out.glob("_state/*.json")):
-            time.sleep(0.05)
-        added["done_before"] = len(list((out / "_state").glob("*.json")))
-        added["node"] = cluster.add_node(
-            num_cpus=1, resources={"capfilt_slot": 1}, object_store_memory=150 * 1024**2
-        ).node_id
-        t.join(timeout=300)
-        assert "summary" in result, result.get("error")
-        summary = result["summary"]
-        assert "node" in added and added["done_before"] < 16
-        assert summary["failed_shards"] == [] and summary["counts"]["in"] == 48
-        check_output(str(out), corpus)
-        by_node: dict = {}
-        for row in summary["per_shard"]:
-            by_node[row["node"]] = by_node.get(row["node"], 0) + 1
-        assert set(by_node) == {first.node_id, added["node"]}, by_node  # never the head: it has no capfilt_slot
-        assert by_node[added["node"]] >= 1
-        assert {n["node"] for n in summary["per_node"]} == set(by_node)
-        assert summary["driver"]["max_live_actors"] == 2
-    finally:
-        _ray_shutdown()
-        cluster.shutdown()
+    cluster = slot_cluster
+    first = cluster.add_node(**SLOT)
+    cluster.wait_for_nodes()
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, 48, seed=9, image_size=64, samples_per_shard=3)  # 16 shards
+    out = tmp_path / "out"
+    cfg = tiny_config(
+        corpus, str(out), capfilt_models, address=cluster.address, actors="1:3", batch_size=1,
+        actor_resources={"capfilt_slot": 1},
+    )  # fmt: skip
+    t, result = _job_in_thread(cfg)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("_state/*.json")):
+        time.sleep(0.05)
+    done_before = len(list(out.glob("_state/*.json")))
+    added = cluster.add_node(**SLOT).node_id
+    t.join(timeout=300)
+    assert "summary" in result, result.get("error")
+    summary = result["summary"]
+    assert done_before < 16
+    assert summary["failed_shards"] == [] and summary["counts"]["in"] == 48
+    check_output(str(out), corpus)
+    by_node: dict = {}
+    for row in summary["per_shard"]:
+        by_node[row["node"]] = by_node.get(row["node"], 0) + 1
+    assert set(by_node) == {first.node_id, added}, by_node  # never the head: it has no capfilt_slot
+    assert by_node[added] >= 1
+    assert {n["node"] for n in summary["per_node"]} == set(by_node)
+    assert summary["driver"]["max_live_actors"] == 2
 
 
 def test_device_auto_on_a_cluster_without_gpus_is_an_error(ray_cluster, tmp_path, capfilt_models):
@@ -165,71 +178,46 @@ def test_device_auto_on_a_cluster_without_gpus_is_an_error(ray_cluster, tmp_path
 
 
 @pytest.mark.slow
-def test_draining_node_gets_no_new_shards(_ray_session_cleanup, tmp_path, capfilt_models):
+def test_draining_node_gets_no_new_shards(slot_cluster, tmp_path, capfilt_models):
     """Two worker nodes with an actor each; one is drained mid-run (`ray drain-node`, as a spot preemption notice or
     KubeRay scale-down does, with a deadline far enough): its actor finishes what it holds and gets no new shard, the
     other node does the rest, every key exactly once."""
     import subprocess
 
-    from ray.cluster_utils import Cluster
-
-    from tests.conftest import _ray_shutdown
-
-    _ray_shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        connect=False,
-        head_node_args={"num_cpus": 1, "num_gpus": 0, "object_store_memory": 150 * 1024**2, "include_dashboard": False},
-    )
-    try:
-        nodes = [
-            cluster.add_node(num_cpus=1, resources={"capfilt_slot": 1}, object_store_memory=150 * 1024**2)
-            for _ in range(2)
-        ]
-        cluster.wait_for_nodes()
-        corpus = str(tmp_path / "corpus")
-        write_corpus(corpus, 48, seed=10, image_size=64, samples_per_shard=3)  # 16 shards
-        out = tmp_path / "out"
-        cfg = tiny_config(
-            corpus, str(out), capfilt_models, address=cluster.address, actors="2", batch_size=1,
-            actor_resources={"capfilt_slot": 1},
-        )  # fmt: skip
-        result: dict = {}
-
-        def job() -> None:
-            try:
-                result["summary"] = run_capfilt(cfg, processor_cls=SlowBatches)
-            except BaseException as e:  # noqa: BLE001 - reported by the assertion below
-                result["error"] = e
-
-        t = threading.Thread(target=job, daemon=True)
-        t.start()
-        deadline = time.time() + 240
-        while time.time() < deadline and len(list(out.glob("_state/*.json"))) < 2:
-            time.sleep(0.05)
-        victim = nodes[0].node_id
-        drained_at = time.time()
-        p = subprocess.run(
-            [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
-             "--node-id", victim, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "test",
-             "--deadline-remaining-seconds", "600"],
-            capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert p.returncode == 0, p.stderr
-        t.join(timeout=300)
-        assert "summary" in result, result.get("error")
-        summary = result["summary"]
-        assert summary["failed_shards"] == [] and summary["counts"]["in"] == 48
-        check_output(str(out), corpus)
-        assert summary["driver"]["actors_drained"] == 1
-        states = [json.loads(p.read_text()) for p in out.glob("_state/*.json")]
-        on_victim = [s for s in states if s["node"] == victim]
-        # nothing started on the drained node after the driver saw the drain (it looks every 5 s)
-        assert all(s["finished"] - s["seconds"] < drained_at + 7 for s in on_victim), on_victim
-        assert len(on_victim) < 16 and any(s["node"] == nodes[1].node_id for s in states)
-    finally:
-        _ray_shutdown()
-        cluster.shutdown()
+    cluster = slot_cluster
+    nodes = [cluster.add_node(**SLOT) for _ in range(2)]
+    cluster.wait_for_nodes()
+    corpus = str(tmp_path / "corpus")
+    write_corpus(corpus, 48, seed=10, image_size=64, samples_per_shard=3)  # 16 shards
+    out = tmp_path / "out"
+    cfg = tiny_config(
+        corpus, str(out), capfilt_models, address=cluster.address, actors="2", batch_size=1,
+        actor_resources={"capfilt_slot": 1},
+    )  # fmt: skip
+    t, result = _job_in_thread(cfg)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("_state/*.json"))) < 2:
+        time.sleep(0.05)
+    victim = nodes[0].node_id
+    drained_at = time.time()
+    p = subprocess.run(
+        [sys.executable, "-m", "ray.scripts.scripts", "drain-node", "--address", cluster.address,
+         "--node-id", victim, "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "test",
+         "--deadline-remaining-seconds", "600"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    t.join(timeout=300)
+    assert "summary" in result, result.get("error")
+    summary = result["summary"]
+    assert summary["failed_shards"] == [] and summary["counts"]["in"] == 48
+    check_output(str(out), corpus)
+    assert summary["driver"]["actors_drained"] == 1
+    states = [json.loads(p.read_text()) for p in out.glob("_state/*.json")]
+    on_victim = [s for s in states if s["node"] == victim]
+    # nothing started on the drained node after the driver saw the drain (it looks every 5 s)
+    assert all(s["finished"] - s["seconds"] < drained_at + 7 for s in on_victim), on_victim
+    assert len(on_victim) < 16 and any(s["node"] == nodes[1].node_id for s in states)
 
 
 @pytest.mark.slow
