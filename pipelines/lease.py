@@ -24,6 +24,8 @@ from typing import Any
 import fsspec
 from fsspec.asyn import sync
 
+from pipelines.io import _is_local
+
 LOCK = "_lock"
 
 
@@ -222,8 +224,3 @@ def _link_or_drop(src: str, dst: str) -> bool:
         return False
     finally:
         os.remove(src)
-
-
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
