@@ -4,6 +4,9 @@ Without the dashboard (it would cost memory and a core's share on a small machin
 Train's placement-group cleaner, a safety net that polls whether the train controller still lives, then logs
 "Failed to query Ray Train Controller actor state" about once a second for the whole fit(): hundreds of lines in
 `make demo`. The workers' setup hook drops that one message; every other log line stays.
+
+Ray Train 2 also patches `print` in its workers to log through the root logger *and* tee to stdout, so every
+progress line reached the driver twice; `RAY_TRAIN_ENABLE_PRINT_PATCH=0` in the job's environment keeps plain print.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ def init_ray(address: str | None, min_cpus: int) -> None:
 
     if ray.is_initialized():
         return
+    env_vars = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env={"env_vars": env_vars})
         return
     ray.init(
         address="local",
         num_cpus=max(os.cpu_count() or 1, min_cpus),
         include_dashboard=False,
-        runtime_env={"worker_process_setup_hook": "pipelines.local_ray.quiet_worker_logs"},
+        runtime_env={"worker_process_setup_hook": "pipelines.local_ray.quiet_worker_logs", "env_vars": env_vars},
     )

@@ -194,7 +194,7 @@ def format_summary(s: dict[str, Any]) -> str:
         )
     for n in s.get("per_node") or []:
         lines.append(
-            f"  node     {n['node'][:12]}: {n['shards']} shards, {n['samples']} samples, {n['samples_per_second']} samples/s"
+            f"  node     {_short_id(n['node'])}: {n['shards']} shards, {n['samples']} samples, {n['samples_per_second']} samples/s"
         )
     if s.get("orphaned_shards"):
         lines.append(f"  no input {len(s['orphaned_shards'])} shards in the output (--prune removes them)")
@@ -205,3 +205,8 @@ def format_summary(s: dict[str, Any]) -> str:
     out = s["output"].rstrip("/")
     lines.append(f"  parquet: pd.read_parquet('{out}/parquet')   kept tars: {out}/tars/   summary.json, summary.png")
     return "\n".join(lines)
+
+
+def _short_id(node: str) -> str:
+    """Ray node ids are 56 hex digits; both ends, because ids of nodes from one provider can share a long prefix."""
+    return node if len(node) <= 16 else f"{node[:8]}..{node[-6:]}"

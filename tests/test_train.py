@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -336,6 +337,9 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # Ray started in-process has no State API: its placement-group cleaner's once-a-second warning is dropped
     assert "Failed to query Ray Train Controller" not in r.stdout + r.stderr
+    # each progress line reaches the log once (Ray Train's print patch teed every line to the driver twice)
+    steps = re.findall(r"\] step (\d+)/\d+ ep", r.stdout + r.stderr)
+    assert steps and len(steps) == len(set(steps)), steps
     want = _losses(ref)
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in want] and want[-1]["epoch"] == 1
     for k in ("loss", "loss_itc", "loss_itm", "loss_lm", "r1_i2t", "img_cos_mean"):
