@@ -331,13 +331,16 @@ def run_select(cfg: SelectConfig, echo: Callable[[str], None] | None = None) -> 
             + f": {skipped + len(todo)} shards ({skipped} already done, {len(todo)} to do)"
         )
         t0, n_rows, interrupted = time.time(), 0, False
-        driver: dict[str, Any] = {"records": 0, "retries": 0, "workers_lost": 0, "in_process": cfg.in_process}
+        driver: dict[str, Any] = {"records": 0, "record_bytes": 0, "retries": 0, "workers_lost": 0}
+        driver["in_process"], cpu0 = cfg.in_process, time.process_time()
         records = _execute(cfg, todo, driver)
         try:
             with _interrupts():
                 for rec in records:
                     builder.add(rec["shard"], shards[rec["shard"]].path if rec["shard"] in shards else None, rec)
                     n_rows += int(rec.get("in", 0))
+                    driver["records"] += 1
+                    driver["record_bytes"] += len(json.dumps(rec))
                     if rec.get("state") != "done" and cfg.progress:
                         echo(f"  shard {rec['shard']} FAILED: {rec.get('error')}")
         except KeyboardInterrupt:
@@ -347,7 +350,7 @@ def run_select(cfg: SelectConfig, echo: Callable[[str], None] | None = None) -> 
         for t in todo:
             if t.name not in builder.names:  # only when the job stopped early
                 builder.add(t.name, t.shard.path if t.shard else None, None)
-        elapsed = time.time() - t0
+        elapsed, driver["cpu_seconds"] = time.time() - t0, round(time.process_time() - cpu0, 3)
         models = run_manifest.get("models", {})
         summary = builder.build(
             {
@@ -415,7 +418,6 @@ def _execute(cfg: SelectConfig, todo: list[SelectTask], driver: dict[str, Any]) 
                         queue.appendleft(t)
                         continue
                     rec = _give_up(t, attempts[t.name], e)
-                driver["records"] += 1
                 yield rec
     finally:
         for ref in inflight:
@@ -434,7 +436,6 @@ def _with_retries(t: SelectTask, retries: int, driver: dict[str, Any]) -> dict[s
                 rec = _give_up(t, attempt + 1, e)
             else:
                 driver["retries"] += 1
-    driver["records"] += 1
     return rec
 
 
