@@ -153,6 +153,7 @@ def test_keep_and_max_synthetic_in_process(run_out, tmp_path):
     assert want.map(len).max() == 1 and got["kept"].any()
 
 
+@pytest.mark.slow
 def test_sigkill_mid_select_then_rerun_is_exactly_once(run_out, tmp_path):
     df = run_out["df"]
     t = round(float(np.quantile(_scores(df), 0.4)), 4)
