@@ -546,6 +546,70 @@ def run(
         sys.exit(2)
 
 
+KEEP_CHOICES = ("both", "web", "synthetic")  # capfilt.stages.KEEP_CHOICES (not imported: it would load torch)
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN")
+@click.argument("output", metavar="NEW")
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0), default=None, help="ITM threshold. [default: the run's]")
+@click.option(
+    "--keep",
+    type=click.Choice(KEEP_CHOICES),
+    default="both",
+    show_default=True,
+    help="Which texts may be kept: web text, synthetic captions, or both.",
+)
+@click.option(
+    "--max-synthetic",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Keep at most N synthetic captions per sample (the best-scored). [default: all that pass]",
+)
+@click.option("--input", "input_", default=None, help="Where the run's input shards are now. [default: the run's]")
+@click.option(
+    "--address", default=None, help="Join this Ray cluster ('auto' or host:port); default: Ray in this process."
+)
+@click.option("--tasks", type=click.IntRange(min=1), default=None, help="Shards in flight. [default: 2 per CPU]")
+@click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True, help="Retries of a shard.")
+@click.option("--in-process", is_flag=True, help="No Ray: shards one after another in this process (small runs).")
+@storage_options_option
+@click.option("--no-progress", is_flag=True, help="No per-shard lines; only the final summary.")
+@click.option("--overwrite", is_flag=True, help="NEW holds another selection (or a run): remove it, start over.")
+@friendly_errors
+def select(
+    run_dir: str,
+    output: str,
+    input_: str | None,
+    storage_options: dict[str, Any] | None,
+    no_progress: bool,
+    **kw: Any,
+) -> None:
+    """Re-select a finished `capfilt run` RUN into NEW from its stored ITM scores: no model, no GPU.
+
+    Writes NEW as a run writes its output (per-shard parquet with the new decisions, kept-sample tars with the
+    original image bytes from the input shards, summary.json); resumable, exactly once. Exit status as `capfilt run`:
+    0 all shards done, 2 some failed, 1 bad setup (NEW holds another selection: --overwrite), 130 interrupted.
+    """
+    from pipelines.run import JobInterrupted
+    from pipelines.select import SelectConfig, run_select
+
+    cfg = SelectConfig(
+        run=run_dir,
+        output=output,
+        input=input_,
+        storage_options=storage_options or {},
+        progress=not no_progress,
+        **kw,
+    )
+    try:
+        summary = run_select(cfg)
+    except (JobInterrupted, KeyboardInterrupt):
+        sys.exit(130)
+    if summary["failed_shards"]:
+        sys.exit(2)
+
+
 @main.command()
 @click.option(
     "--config",

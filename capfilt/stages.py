@@ -4,7 +4,8 @@
 the captioner and the filter on one device and, per batch: N synthetic captions by nucleus sampling (counter-based
 noise keyed by one seed per sample, `sample_seed(seed, key)`, so reruns, retries and a different batch composition or
 batch size give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
-each synthetic caption; a text is kept when its ITM probability >= threshold, a sample when any text is kept.
+each synthetic caption; a text is kept when its ITM probability >= threshold, a sample when any text is kept
+(`select_texts`: the one keep rule, also applied by `capfilt select` to the stored scores).
 No Ray in here: pipelines/run.py adapts these classes to Ray Data.
 """
 
@@ -66,6 +67,39 @@ def _web_text(t: Any) -> str | None:
         return None
     t = str(t)
     return t if t.strip() else None
+
+
+KEEP_CHOICES = ("both", "web", "synthetic")  # which texts may be kept: `capfilt select --keep`
+
+
+def select_texts(
+    web: str | None,
+    web_itm: float | None,
+    synthetic: list[str],
+    synthetic_itm: list[float],
+    threshold: float,
+    keep: str = "both",
+    max_synthetic: int | None = None,
+) -> tuple[list[str], str | None]:
+    """The one keep rule (CapFiltStage and `capfilt select`): a text is kept when its ITM match probability
+    >= threshold. -> (kept texts, web text first then synthetic captions in caption order; reason: None when any is
+    kept, else "below_threshold", or "no_text" when there was no text to judge).
+
+    `keep` limits which texts may be kept (web, synthetic or both); `max_synthetic` keeps at most that many passing
+    captions, the best-scored (ties: the earlier caption). The defaults are `capfilt run`'s rule."""
+    if keep not in KEEP_CHOICES:
+        raise ValueError(f"keep must be one of {KEEP_CHOICES}, got {keep!r}")
+    web = web if keep != "synthetic" else None
+    pairs = list(zip(synthetic, synthetic_itm)) if keep != "web" else []
+    passing = [i for i, (_, q) in enumerate(pairs) if q >= threshold]
+    if max_synthetic is not None and len(passing) > max_synthetic:
+        passing = sorted(sorted(passing, key=lambda i: -pairs[i][1])[:max_synthetic])  # sorted() is stable
+    kept = ([web] if web is not None and web_itm is not None and web_itm >= threshold else []) + [
+        pairs[i][0] for i in passing
+    ]
+    if kept:
+        return kept, None
+    return kept, "below_threshold" if (web is not None or pairs) else "no_text"
 
 
 @dataclass
@@ -188,8 +222,7 @@ class CapFiltStage(CapFiltSettings):
         out = []
         for w, c, p, s in zip(webs, caps, itm, itc):
             off = 1 if w is not None else 0
-            kept_texts = [t for t, q in zip(([w] if w is not None else []) + c, p) if q >= self.threshold]
-            kept = bool(kept_texts)
+            kept_texts, reason = select_texts(w, p[0] if off else None, c, p[off:], self.threshold)
             out.append(
                 {
                     "synthetic_captions": c,
@@ -198,8 +231,8 @@ class CapFiltStage(CapFiltSettings):
                     "synthetic_itm": p[off:],
                     "synthetic_itc": s[off:],
                     "kept_texts": kept_texts,
-                    "kept": kept,
-                    "reason": None if kept else ("below_threshold" if (off or c) else "no_text"),
+                    "kept": bool(kept_texts),
+                    "reason": reason,
                 }
             )
         return out
