@@ -198,13 +198,19 @@ def warmup_vision(config: str, set_items: tuple[str, ...], **kw: Any) -> None:
     "predictions are written in COCO's result format and scored with pycocoevalcap (BLEU, METEOR, ROUGE_L, CIDEr, "
     "SPICE).",
 )
+@click.option(
+    "--scorers",
+    default="bleu,meteor,rouge_l,cider,spice",
+    show_default=True,
+    help="With --ground-truth: which COCO caption scorers run (METEOR and SPICE need Java).",
+)
 @friendly_errors
-def eval_(**kw: Any) -> None:
+def eval_(scorers: str, **kw: Any) -> None:
     """Retrieval R@1/5/10 both ways, or captioning BLEU-4 / CIDEr (all COCO caption metrics with --ground-truth);
     prints a table and writes JSON."""
     from pipelines.evaluate import evaluate
 
-    evaluate(**kw)
+    evaluate(scorers=[s.strip() for s in scorers.split(",") if s.strip()], **kw)
 
 
 @main.command()

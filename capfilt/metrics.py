@@ -135,8 +135,14 @@ def _java_note(name: str) -> str | None:
     return None if shutil.which("java") else f"{name} skipped: it needs Java (`java` not on PATH)"
 
 
+COCO_SCORERS = ("bleu", "meteor", "rouge_l", "cider", "spice")
+
+
 def coco_caption_scores(
-    gt: dict, results: list[dict], per_image: dict[int, dict[str, float]] | None = None
+    gt: dict,
+    results: list[dict],
+    per_image: dict[int, dict[str, float]] | None = None,
+    scorers: Sequence[str] = COCO_SCORERS,
 ) -> tuple[dict[str, float], list[str]]:
     """The COCO caption evaluation the original runs (`coco_caption_eval`: pycocotools COCO + loadRes + COCOEvalCap:
     PTB tokenizer, BLEU-1..4, METEOR, ROUGE_L, CIDEr, SPICE) on a ground truth in COCO annotation format (a dict, as
@@ -145,7 +151,8 @@ def coco_caption_scores(
     Scored on the images of `results` (COCOEvalCap's `params['image_id'] = cocoRes.getImgIds()`; the standard
     protocol has a result for every ground-truth image). Scores x 100 (`bleu4`, `cider`, ... as the rest of capfilt).
     A scorer that cannot run here (METEOR and SPICE need Java; SPICE also Stanford CoreNLP, which pycocoevalcap
-    downloads at first use) is skipped with one note; returns (metrics, notes). `per_image`, when given, receives
+    downloads at first use) is skipped with one note; returns (metrics, notes). `scorers`: a subset of COCO_SCORERS
+    (METEOR alone takes ~20 s to load its paraphrase table). `per_image`, when given, receives
     each image's score per metric, keyed by image id.
     """
     import contextlib
@@ -156,6 +163,9 @@ def coco_caption_scores(
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocotools.coco import COCO
 
+    unknown = set(scorers) - set(COCO_SCORERS)
+    if unknown:
+        raise ValueError(f"unknown caption scorers {sorted(unknown)}; choose from {', '.join(COCO_SCORERS)}")
     notes: list[str] = []
     coco = COCO()
     coco.dataset = gt
@@ -198,12 +208,12 @@ def coco_caption_scores(
         jar = os.path.join(gsm.SPICEDIR, gsm.SPICELIB, f"{gsm.JAR}.jar")
         if not os.path.exists(jar):  # Spice() would download it, and hang or fail without network
             raise RuntimeError(
-                f"Stanford CoreNLP is not installed at {jar}; run `python -m pycocoevalcap.spice.get_stanford_models` "
-                "once with network"
+                f"Stanford CoreNLP ({gsm.JAR}.jar) is not in pycocoevalcap/spice/{gsm.SPICELIB}; pycocoevalcap "
+                "downloads it at first use: run `python -m pycocoevalcap.spice.get_stanford_models` once with network"
             )
         return Spice()
 
-    scorers: list[tuple[str, Callable[[], Any], list[str], str | None]] = [
+    table: list[tuple[str, Callable[[], Any], list[str], str | None]] = [
         ("BLEU", lambda: Bleu(4), ["bleu1", "bleu2", "bleu3", "bleu4"], None),
         ("METEOR", meteor, ["meteor"], _java_note("METEOR")),
         ("ROUGE_L", Rouge, ["rouge_l"], None),
@@ -211,7 +221,9 @@ def coco_caption_scores(
         ("SPICE", spice, ["spice"], _java_note("SPICE")),
     ]
     metrics: dict[str, float] = {}
-    for name, make, keys, unavailable in scorers:
+    for (name, make, keys, unavailable), short in zip(table, COCO_SCORERS):
+        if short not in scorers:
+            continue
         if unavailable:
             notes.append(unavailable)
             continue
@@ -221,7 +233,7 @@ def coco_caption_scores(
                 kw = {"verbose": 0} if name == "BLEU" else {}
                 score, each = scorer.compute_score(gts_t, out_t, **kw)
         except Exception as e:  # noqa: BLE001 - a scorer that cannot run here is skipped with a note, not fatal
-            notes.append(f"{name} skipped: {type(e).__name__}: {str(e).strip()[:200]}")
+            notes.append(f"{name} skipped: {type(e).__name__}: {str(e).strip()[:300]}")
             continue
         scores, eaches = (score, each) if len(keys) > 1 else ([score], [each])
         for k, s, e in zip(keys, scores, eaches):

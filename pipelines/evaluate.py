@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from capfilt.metrics import caption_scores, coco_caption_scores, coco_image_id, recall_at, rerank, retrieval_ranks
+from capfilt.metrics import (
+    COCO_SCORERS,
+    caption_scores,
+    coco_caption_scores,
+    coco_image_id,
+    recall_at,
+    rerank,
+    retrieval_ranks,
+)
 
 
 def load_model(path: str, device: str = "cpu") -> torch.nn.Module:
@@ -136,6 +145,7 @@ def caption_eval(
     repetition_penalty: float = 1.0,
     ground_truth: dict | None = None,
     metas: list[dict[str, Any]] | None = None,
+    scorers: Sequence[str] = COCO_SCORERS,
 ) -> dict[str, Any]:
     """Beam-search captions (the original eval settings), scored against `ground_truth` (a COCO-format annotation
     dict; image ids from each sample's json, `metas`) when given, else against each image's texts."""
@@ -152,7 +162,7 @@ def caption_eval(
         for k, c in zip(keys[b : b + batch_size], caps):
             preds[k] = c[0]
     if ground_truth is not None:
-        return _score_against_ground_truth(keys, preds, ground_truth, metas or [{}] * len(keys), len(images))
+        return _score_against_ground_truth(keys, preds, ground_truth, metas or [{}] * len(keys), len(images), scorers)
     refs = dict(zip(keys, texts))
     per_image: dict[str, dict[str, float]] = {}
     metrics: dict[str, Any] = caption_scores(preds, refs, per_image)
@@ -166,7 +176,12 @@ def caption_eval(
 
 
 def _score_against_ground_truth(
-    keys: list[str], preds: dict[str, str], gt: dict, metas: list[dict[str, Any]], n_images: int
+    keys: list[str],
+    preds: dict[str, str],
+    gt: dict,
+    metas: list[dict[str, Any]],
+    n_images: int,
+    scorers: Sequence[str] = COCO_SCORERS,
 ) -> dict[str, Any]:
     """COCO results [{"image_id", "caption"}] (one per image id: the first, as the original's
     `save_result(..., remove_duplicate='image_id')`) scored by the COCO caption evaluation."""
@@ -177,7 +192,7 @@ def _score_against_ground_truth(
             key_of[i] = k
             results.append({"image_id": i, "caption": preds[k]})
     per_id: dict[str, dict[int, float]] = {}
-    metrics, notes = coco_caption_scores(gt, results, per_id)
+    metrics, notes = coco_caption_scores(gt, results, per_id, scorers)
     per_image = {m: {key_of[i]: v for i, v in vals.items()} for m, vals in per_id.items() if m in ("cider", "bleu4")}
     return {
         "metrics": metrics, "num_images": n_images, "predictions": preds, "per_image": per_image,
@@ -199,6 +214,7 @@ def evaluate(
     device: str | None = None,
     ground_truth: str | None = None,
     repetition_penalty: float = 1.0,
+    scorers: Sequence[str] = COCO_SCORERS,
 ) -> dict[str, Any]:
     """Run one evaluation; prints a table, writes JSON to `output` (a file, or a folder -> eval_<task>.json; with
     `ground_truth` also the predictions in COCO's result format, <stem>_results.json / caption_results.json)."""
@@ -206,6 +222,8 @@ def evaluate(
         raise ValueError(f"unknown eval task {task!r}; expected 'retrieval' or 'caption'")
     if ground_truth is not None and task != "caption":
         raise ValueError("--ground-truth is for captioning (a COCO-format caption file); retrieval uses the texts")
+    if set(scorers) - set(COCO_SCORERS):  # before any caption is generated
+        raise ValueError(f"unknown --scorers {sorted(set(scorers) - set(COCO_SCORERS))}; choose from {COCO_SCORERS}")
     from pipelines.data import list_tars
     from pipelines.settings import resolve_path, resolve_paths
 
@@ -234,7 +252,7 @@ def evaluate(
     else:
         res = caption_eval(
             model, ds["keys"], ds["images"], ds["texts"], batch_size, num_beams, max_length, min_length, ds["truth"],
-            repetition_penalty, gt, ds["metas"],
+            repetition_penalty, gt, ds["metas"], scorers,
         )  # fmt: skip
         if gt is not None:
             res["ground_truth"] = ground_truth
