@@ -172,18 +172,45 @@ def warmup_vision(config: str, set_items: tuple[str, ...], **kw: Any) -> None:
 @click.option("--model", "model_path", required=True, help="Checkpoint (anything blip.load reads).")
 @click.option("--data", required=True, help="Tars with images and reference texts.")
 @click.option("--output", default=None, help="JSON file, or a folder for eval_<task>.json.")
-@click.option("--k-test", type=click.IntRange(min=1), default=256, show_default=True, help="ITM re-rank depth.")
+@click.option(
+    "--k-test",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="ITM re-rank depth (the original configs: 256 for COCO, 128 for Flickr30K).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
 @click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=1), default=20, show_default=True, help="Counts the prompt.")
 @click.option("--min-length", type=click.IntRange(min=0), default=5, show_default=True)
+@click.option(
+    "--repetition-penalty",
+    type=click.FloatRange(min=1.0),
+    default=1.0,
+    show_default=True,
+    help="Beam search repetition penalty (the original's NoCaps eval: 1.1).",
+)
+@click.option(
+    "--ground-truth",
+    default=None,
+    help="Captioning: a COCO-format ground truth (coco_karpathy_test_gt.json, nocaps_val_4500_captions.json); "
+    "predictions are written in COCO's result format and scored with pycocoevalcap (BLEU, METEOR, ROUGE_L, CIDEr, "
+    "SPICE).",
+)
+@click.option(
+    "--scorers",
+    default="bleu,meteor,rouge_l,cider,spice",
+    show_default=True,
+    help="With --ground-truth: which COCO caption scorers run (METEOR and SPICE need Java).",
+)
 @friendly_errors
-def eval_(**kw: Any) -> None:
-    """Retrieval R@1/5/10 both ways, or captioning BLEU-4 / CIDEr; prints a table and writes JSON."""
+def eval_(scorers: str, **kw: Any) -> None:
+    """Retrieval R@1/5/10 both ways, or captioning BLEU-4 / CIDEr (all COCO caption metrics with --ground-truth);
+    prints a table and writes JSON."""
     from pipelines.evaluate import evaluate
 
-    evaluate(**kw)
+    evaluate(scorers=[s.strip() for s in scorers.split(",") if s.strip()], **kw)
 
 
 @main.command()
@@ -208,9 +235,19 @@ def synth(
     click.echo(f"wrote {r['samples']} samples in {len(r['shards'])} {output_format} shards to {out} ({kinds})")
 
 
+# options of the URL-list form only (an annotation file brings its own images and captions)
+URL_ONLY_OPTIONS = ("url_col", "caption_col", "image_size", "resize_mode", "processes", "timeout", "retries")
+
+
 @main.command()
-@click.argument("url_list", metavar="URLS.parquet|csv|tsv|txt|jsonl")
-@click.argument("out")
+@click.argument("paths", nargs=-1, metavar="[URLS.parquet|csv|tsv|txt|jsonl] OUT")
+@click.option(
+    "--annotations",
+    default=None,
+    help="A BLIP annotation JSON (coco_karpathy_*.json, flickr30k_*.json, nocaps_*.json) instead of a URL list; "
+    "give OUT only.",
+)
+@click.option("--image-root", default=None, help="Folder the annotation records' `image` paths are relative to.")
 @click.option("--url-col", default="url", show_default=True, help="Column holding the image URL.")
 @click.option("--caption-col", default="caption", show_default=True, help="Column holding the web text ('' = none).")
 @click.option(
@@ -227,41 +264,78 @@ def synth(
     help="How --image-size resizes (keep_ratio: smaller side = size).",
 )
 @click.option("--processes", type=click.IntRange(min=1), default=1, show_default=True, help="Download processes.")
-@click.option("--threads", type=click.IntRange(min=1), default=64, show_default=True, help="Threads per process.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Threads per process (URL list, default 64) or image-reading threads (--annotations, default 16).",
+)
 @click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True, help="Samples per shard.")
 @click.option("--timeout", type=click.IntRange(min=1), default=10, show_default=True, help="Seconds per download.")
 @click.option("--retries", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="Start OUT afresh instead of resuming (skipping finished shards).")
 @click.option("--verbose", "-v", is_flag=True, help="Show img2dataset's own progress output.")
+@click.pass_context
 @friendly_errors
 def ingest(
-    url_list: str,
-    out: str,
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    annotations: str | None,
+    image_root: str | None,
     url_col: str,
     caption_col: str,
     image_size: int | None,
     resize_mode: str,
     processes: int,
-    threads: int,
+    threads: int | None,
     shard_size: int,
     timeout: int,
     retries: int,
     overwrite: bool,
     verbose: bool,
 ) -> None:
-    """Download the images of a URL list with img2dataset into webdataset shards in OUT (local or s3://...)."""
+    """Write webdataset shards (img2dataset layout) to OUT (local or s3://...): `capfilt ingest URLS OUT` downloads a
+    URL list with img2dataset; `capfilt ingest --annotations FILE --image-root DIR OUT` turns BLIP's annotation files
+    (COCO Karpathy, Flickr30K, NoCaps) and their images into the same layout."""
+    if annotations is not None:
+        if len(paths) != 1:
+            raise click.UsageError("with --annotations give one argument, OUT (the URL-list form is URLS OUT)")
+        if image_root is None:
+            raise click.UsageError("--annotations needs --image-root (the folder its `image` paths are relative to)")
+        given = [o for o in URL_ONLY_OPTIONS if ctx.get_parameter_source(o) != click.core.ParameterSource.DEFAULT]
+        if given:
+            names = ", ".join("--" + o.replace("_", "-") for o in given)
+            raise click.UsageError(f"{names}: only for a URL list, not with --annotations")
+        from pipelines.annotations import ingest_annotations
+        from pipelines.settings import resolve_path
+
+        result = ingest_annotations(
+            str(resolve_path(annotations)),
+            str(resolve_path(image_root)),
+            str(resolve_path(paths[0])),
+            shard_size=shard_size,
+            threads=threads or 16,
+            overwrite=overwrite,
+            echo=click.echo,
+        )
+        click.echo(result.summary().replace("(download ", "(image missing/unreadable ", 1))
+        return
+    if len(paths) != 2:
+        raise click.UsageError("give URLS OUT (or --annotations FILE --image-root DIR OUT)")
+    if image_root is not None:
+        raise click.UsageError("--image-root goes with --annotations")
     from pipelines.ingest import ingest as run_ingest
 
     try:
         result = run_ingest(
-            url_list,
-            out,
+            paths[0],
+            paths[1],
             url_col=url_col,
             caption_col=caption_col or None,
             image_size=image_size,
             resize_mode=resize_mode,
             processes=processes,
-            threads=threads,
+            threads=threads or 64,
             shard_size=shard_size,
             timeout=timeout,
             retries=retries,
