@@ -455,9 +455,12 @@ def autoscaling_cluster(_ray_session_cleanup: None) -> Iterator[AutoscalingTestC
     config_path = os.path.join(temp_dir, "autoscaling.json")
     with open(config_path, "w") as f:
         json.dump(config, f)
-    # RAY_AUTH_MODE=disabled: `ray start` would otherwise turn token auth on when ~/.ray/auth_token exists, and a
-    # driver without the token could not connect.
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "disabled"}
+    # The cluster's auth mode must be the driver's (this process): `ray start` would turn token auth on when
+    # ~/.ray/auth_token exists, and an earlier local `ray.init()` in this session sets RAY_AUTH_MODE=token here.
+    # On a mismatch the GCS's calls into the driver (the owner's WaitForActorRefDeleted) are refused, which the GCS
+    # reads as "owner gone": every actor dies "never started ... all references removed".
+    auth_mode = os.environ.get("RAY_AUTH_MODE", "disabled")
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": auth_mode}
     ray_exe = os.path.join(os.path.dirname(sys.executable), "ray")
     cmd = [
         ray_exe,
