@@ -18,6 +18,7 @@ import json
 import posixpath
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -201,3 +202,37 @@ def output_shards(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
                 if b.endswith(ext) and not b.startswith("."):
                     names.add(b[: -len(ext)])
     return names
+
+
+def open_output(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    url: str,
+    new: dict[str, Any],
+    *,
+    overwrite: bool,
+    diff: Callable[[dict[str, Any], dict[str, Any]], list[str]] = differences,
+    made_by: str = "run",
+    echo: Callable[[str], None] = print,
+) -> None:
+    """Compare a job's manifest with the folder's: the same corpus resumes; another is refused (one error naming the
+    differences), or with `overwrite` removed first. A new folder gets its manifest before any shard is written.
+    `diff(old, new)` lists what differs; `made_by` names the kind of job in the messages ("run", "selection")."""
+    old = read_manifest(fs, root)
+    if old is None and has_run_outputs(fs, root) and not overwrite:
+        raise ValueError(
+            f"{url} holds outputs without a manifest ({MANIFEST}: an earlier capfilt), so they cannot be checked "
+            f"against this {made_by}; use another output folder, or --overwrite to remove them and start over"
+        )
+    diffs = diff(old, new) if old is not None else []
+    if diffs and not overwrite:
+        raise ValueError(
+            f"{url} was made by another {made_by} ({'; '.join(diffs)}); a rerun must use the same models, settings "
+            "and input: use another output folder, or --overwrite to remove what it made and start over"
+        )
+    if overwrite and (old is not None or has_run_outputs(fs, root)):
+        remove_outputs(fs, root)
+        echo(f"  --overwrite: removed the earlier outputs from {url}")
+        old = None
+    if old is None or new["models"] != old["models"]:  # new, or digests reused: keep the file stamps current
+        write_manifest(fs, root, new if old is None else {**old, "models": new["models"]})

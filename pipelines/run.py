@@ -37,16 +37,7 @@ from capfilt.decode import DEFAULT_MAX_PIXELS
 from capfilt.stages import CapFiltSettings
 from pipelines.io import Shard, check_store, clean_tmp, iter_states, list_shards, write_failed_state
 from pipelines.lease import Lease, LeaseHeld
-from pipelines.manifest import (
-    build_manifest,
-    differences,
-    has_run_outputs,
-    output_shards,
-    read_manifest,
-    remove_outputs,
-    remove_shard_outputs,
-    write_manifest,
-)
+from pipelines.manifest import build_manifest, open_output, output_shards, read_manifest, remove_shard_outputs
 from pipelines.settings import CONFIG_DIR, load_settings, resolve_path
 from pipelines.summary import SummaryBuilder, format_summary, write_summary
 from pipelines.worker import ShardProcessor, WorkerSettings
@@ -225,31 +216,6 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
         lease.release()
 
 
-def _open_corpus(cfg: RunConfig, out_fs: Any, root: str, echo: Any) -> None:
-    """Compare this run with the folder's manifest: the same corpus resumes; another is refused, or with
-    `overwrite` removed first. A new folder gets its manifest before any shard is written."""
-    old = read_manifest(out_fs, root)
-    new = build_manifest(cfg, old)
-    if old is None and has_run_outputs(out_fs, root) and not cfg.overwrite:
-        raise ValueError(
-            f"{cfg.output} holds the outputs of a run without a manifest (_run.json: an earlier capfilt), so they "
-            "cannot be checked against these models and settings; use another --output, or --overwrite to remove "
-            "them and start over"
-        )
-    diffs = differences(old, new) if old is not None else []
-    if diffs and not cfg.overwrite:
-        raise ValueError(
-            f"{cfg.output} was made by another run ({'; '.join(diffs)}); a rerun must use the same models, settings "
-            "and input: use another --output, or --overwrite to remove what the other run made and start over"
-        )
-    if cfg.overwrite and (old is not None or has_run_outputs(out_fs, root)):
-        remove_outputs(out_fs, root)
-        echo(f"  --overwrite: removed the earlier run's outputs from {cfg.output}")
-        old = None
-    if old is None or new["models"] != old["models"]:  # new, or digests reused: keep the file stamps current
-        write_manifest(out_fs, root, new if old is None else {**old, "models": new["models"]})
-
-
 def _run_locked(
     cfg: RunConfig,
     shards: list[Shard],
@@ -262,7 +228,8 @@ def _run_locked(
 ) -> dict[str, Any]:
     import ray
 
-    _open_corpus(cfg, out_fs, root, echo)
+    manifest = build_manifest(cfg, read_manifest(out_fs, root))
+    open_output(out_fs, root, cfg.output, manifest, overwrite=cfg.overwrite, echo=echo)
     for sub in ("parquet", "tars", "_state"):
         out_fs.makedirs(posixpath.join(root, sub), exist_ok=True)
     clean_tmp(out_fs, root, before=lease.started)  # before any worker writes: only what a dead job left

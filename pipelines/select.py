@@ -44,14 +44,7 @@ from pipelines.io import (
     write_failed_state,
 )
 from pipelines.lease import Lease
-from pipelines.manifest import (
-    differences,
-    has_run_outputs,
-    output_shards,
-    read_manifest,
-    remove_outputs,
-    write_manifest,
-)
+from pipelines.manifest import differences, open_output, output_shards, read_manifest
 from pipelines.settings import resolve_path
 from pipelines.summary import SummaryBuilder, format_summary, write_summary
 
@@ -242,7 +235,7 @@ def selection_manifest(run_manifest: dict[str, Any], run: str, rule: dict[str, A
 def selection_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """What makes `new` another selection than `old` (empty: the same one; resume)."""
     if "selection_of" not in old:
-        return ["it is a capfilt run's output, not a selection"]
+        return ["it holds a capfilt run's output, not a selection"]
     a, b = old["selection_of"], new["selection_of"]
     diffs = []
     if a.get("output") != b["output"]:
@@ -250,28 +243,6 @@ def selection_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]
     elif a.get("identity") != b["identity"]:
         diffs.append(f"{b['output']} was remade by another run since (identity {a.get('identity')} -> {b['identity']})")
     return diffs + differences(old, new)
-
-
-def _open_selection(cfg: SelectConfig, fs: Any, root: str, new: dict[str, Any], echo: Callable[[str], None]) -> None:
-    """NEW's manifest against this selection: the same resumes; another is refused, or removed with `overwrite`."""
-    old = read_manifest(fs, root)
-    if old is None and has_run_outputs(fs, root) and not cfg.overwrite:
-        raise ValueError(
-            f"{cfg.output} holds outputs without a manifest (_run.json); use another output folder, or --overwrite "
-            "to remove them and start over"
-        )
-    diffs = selection_differences(old, new) if old is not None else []
-    if diffs and not cfg.overwrite:
-        raise ValueError(
-            f"{cfg.output} holds another selection ({'; '.join(diffs)}); a rerun must use the same run and settings: "
-            "use another output folder, or --overwrite to remove it and start over"
-        )
-    if cfg.overwrite and (old is not None or has_run_outputs(fs, root)):
-        remove_outputs(fs, root)
-        echo(f"  --overwrite: removed the earlier outputs from {cfg.output}")
-        old = None
-    if old is None:
-        write_manifest(fs, root, new)
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -305,7 +276,10 @@ def run_select(cfg: SelectConfig, echo: Callable[[str], None] | None = None) -> 
 
     lease = Lease(fs, root, timeout=cfg.lease_timeout).acquire()
     try:
-        _open_selection(cfg, fs, root, new, echo)
+        open_output(
+            fs, root, cfg.output, new, overwrite=cfg.overwrite, diff=selection_differences, made_by="selection",
+            echo=echo,
+        )  # fmt: skip
         for sub in ("parquet", "tars", "_state"):
             fs.makedirs(posixpath.join(root, sub), exist_ok=True)
         clean_tmp(fs, root, before=lease.started)

@@ -307,6 +307,37 @@ def test_mixed_compressed_folder_every_sample_once(tmp_path, ray_local, capfilt_
     assert sorted(p.name for p in (out / "tars").iterdir()) == ["00000.tar", "00001.tar", "00002.tar"]  # plain
 
 
+def test_webdataset_test_shard_layout_tgz(tmp_path, ray_local, capfilt_models):
+    """webdataset's own test shards: one gzipped tar, `KEY.png` + `KEY.cls`, no text at all. Every sample is
+    accounted for: no web text, synthetic captions judged alone; kept samples keep their PNG bytes."""
+    from PIL import Image
+
+    corpus, out = tmp_path / "c", tmp_path / "out"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    members, pngs = [], {}
+    for i in range(6):
+        key = f"n01440764_{10026 + i}"
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, format="PNG")
+        pngs[key] = buf.getvalue()
+        members += [(f"{key}.cls", str(i % 3).encode()), (f"{key}.png", pngs[key])]
+    (corpus / "imagenet-000000.tgz").write_bytes(gzip.compress(_tar(members)))
+    s = run_capfilt(tiny_config(str(corpus), str(out), capfilt_models, threshold=0.0))
+    assert s["shards"] == 1 and s["failed_shards"] == [] and s["counts"]["in"] == 6
+    df = pd.read_parquet(out / "parquet").set_index("key")
+    assert sorted(df.index) == sorted(pngs) and (df["status"] == "ok").all()
+    assert df["caption"].isna().all() and df["web_itm"].isna().all()
+    assert all(len(c) >= 1 for c in df["synthetic_captions"])
+    kept = {}
+    import webdataset as wds
+
+    for sample in wds.WebDataset(str(out / "tars" / "imagenet-000000.tar"), shardshuffle=False, empty_check=False):
+        kept[sample["__key__"]] = sample
+    assert set(kept) == set(df.index[df["kept"]]) and kept  # threshold 0: every synthetic caption passes
+    assert all(kept[k]["png"] == pngs[k] for k in kept)  # original bytes, original extension
+
+
 def test_second_job_on_one_output_is_refused(tmp_path, capfilt_models):
     """A live job's lease keeps a second one out (one error line, exit 1, nothing touched); the lease of a killed
     job on this host is taken over at once."""
