@@ -115,29 +115,81 @@ def _sample(scores: torch.Tensor, top_k: int, top_p: float, keys: torch.Tensor, 
     return idx.gather(1, choice).squeeze(1)
 
 
-class _Hypotheses:
-    """The n best finished beams of one image (transformers 4.15's BeamHypotheses)."""
+class _Finished:
+    """The n best finished hypotheses of every image at once (transformers 4.15's BeamHypotheses, batched).
 
-    def __init__(self, num_beams: int, length_penalty: float):
-        self.num_beams, self.length_penalty = num_beams, length_penalty
-        self.beams: list[tuple[float, torch.Tensor]] = []
-        self.worst = 1e9
+    Per image, n slots: tokens (B, n, max_length) padded with pad, lengths, scores (float64, as the reference's Python
+    floats) and insertion stamps; `count` (B,) slots are filled. The reference keeps a Python list per image: a
+    candidate enters when the list is not full or its score beats the worst (strictly), and an overfull list drops its
+    worst, the earliest-inserted one on a tie; the winner is the first best in list (= insertion) order.
+    """
 
-    def add(self, ids: torch.Tensor, sum_logprobs: float, length: int) -> None:
-        score = sum_logprobs / (length**self.length_penalty)
-        if len(self.beams) < self.num_beams or score > self.worst:
-            self.beams.append((score, ids))
-            if len(self.beams) > self.num_beams:
-                ranked = sorted((s, i) for i, (s, _) in enumerate(self.beams))
-                del self.beams[ranked[0][1]]
-                self.worst = ranked[1][0]
-            else:
-                self.worst = min(score, self.worst)
+    def __init__(self, B: int, n: int, max_length: int, pad: int, length_penalty: float, device: torch.device):
+        self.n, self.pad, self.length_penalty, self.clock = n, pad, length_penalty, 0
+        self.tokens = torch.full((B, n, max_length), pad, dtype=torch.long, device=device)
+        self.lengths = torch.zeros(B, n, dtype=torch.long, device=device)
+        self.scores = torch.full((B, n), NEG_INF, dtype=torch.float64, device=device)
+        self.stamps = torch.zeros(B, n, dtype=torch.long, device=device)  # insertion order, for ties
+        self.count = torch.zeros(B, dtype=torch.long, device=device)
 
-    def is_done(self, best_sum_logprobs: float, length: int) -> bool:
-        if len(self.beams) < self.num_beams:
-            return False
-        return self.worst >= best_sum_logprobs / (length**self.length_penalty)
+    def add(self, seqs: torch.Tensor, sum_logprobs: torch.Tensor, valid: torch.Tensor, length: int) -> None:
+        """Insert candidates `seqs` (B, k, T) with `sum_logprobs` (B, k) where `valid` (B, k), all of one `length`.
+
+        The k candidates of an image must come in non-increasing score order (beam search's rank order, one length
+        per call). Then inserting them one by one, as the reference does, keeps the n best of held + candidates by
+        score, and on equal scores: the first `n - count` valid candidates enter unconditionally and join the held
+        ones, among which the later-inserted wins (an overfull list drops the earliest of its worst); each further
+        candidate enters only if strictly better than the worst, so it loses a tie to all of those, and an earlier one
+        beats a later one. One stable sort by (score, that tie rank) gives the same set, ties included.
+        """
+        B, k, T = seqs.shape
+        n, dev = self.n, seqs.device
+        # the reference divides a Python float by a Python float: float64 here, the same rounding
+        score = (sum_logprobs.double() / (length**self.length_penalty)).masked_fill(~valid, NEG_INF)  # (B, k)
+        q = valid.long().cumsum(1) - 1  # (B, k) insertion order among this call's candidates
+        stamp = self.clock + q  # (B, k)
+        self.clock += k
+        held = torch.arange(n, device=dev)[None, :] < self.count[:, None]  # (B, n)
+        unconditional = q < (n - self.count)[:, None]  # (B, k) the set still had room
+        # tie rank within equal scores, smaller wins: held and unconditional by latest stamp, the rest by earliest
+        big = self.clock + 1
+        tie = torch.cat(
+            [
+                torch.where(held, -self.stamps, 2 * big),
+                torch.where(valid, torch.where(unconditional, -stamp, big + stamp), 2 * big),
+            ],
+            dim=1,
+        )  # (B, n + k); empty slots and invalid candidates (score -inf) last
+        pool = torch.cat([self.scores.masked_fill(~held, NEG_INF), score], dim=1)  # (B, n + k)
+        by_tie = tie.argsort(dim=1, stable=True)  # (B, n + k)
+        by_score = pool.gather(1, by_tie).sort(dim=1, descending=True, stable=True).indices
+        pick = by_tie.gather(1, by_score)[:, :n]  # (B, n) pool index of each kept slot, best first
+
+        def take(held_vals: torch.Tensor, new_vals: torch.Tensor) -> torch.Tensor:
+            both = torch.cat([held_vals, new_vals], dim=1)  # (B, n + k, ...)
+            idx = pick.view(B, n, *([1] * (both.dim() - 2))).expand(B, n, *both.shape[2:])
+            return both.gather(1, idx)
+
+        seqs = F.pad(seqs.long(), (0, self.tokens.shape[2] - T), value=self.pad)  # (B, k, max_length)
+        self.tokens = take(self.tokens, seqs)  # (B, n, max_length)
+        self.lengths = take(self.lengths, torch.full_like(stamp, T))
+        self.scores = pool.gather(1, pick)
+        self.stamps = take(self.stamps, stamp)
+        self.count = (self.count + valid.sum(1)).clamp(max=n)
+
+    def is_done(self, best_sum_logprobs: torch.Tensor, length: int) -> torch.Tensor:
+        """(B,) bool: the set is full and no live beam (best sum `best_sum_logprobs` (B,)) can beat its worst."""
+        best = best_sum_logprobs.double() / (length**self.length_penalty)
+        return (self.count == self.n) & (self.scores.min(dim=1).values >= best)
+
+    def best(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image the best hypothesis (the earliest-inserted on a tie): tokens (B, max_length), lengths (B,)."""
+        held = torch.arange(self.n, device=self.count.device)[None, :] < self.count[:, None]  # (B, n)
+        top = self.scores.masked_fill(~held, NEG_INF).max(dim=1, keepdim=True).values  # (B, 1)
+        first = self.stamps.masked_fill(~(held & (self.scores == top)), torch.iinfo(torch.long).max)
+        pick = first.argmin(dim=1)  # (B,)
+        rows = torch.arange(pick.shape[0], device=pick.device)
+        return self.tokens[rows, pick], self.lengths[rows, pick]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -317,14 +369,17 @@ def generate_ids(
 def _beam_search(
     steps, ids, B, nb, prompt_len, eos, pad, max_length, min_length, penalty, beam_length, length_penalty,
 ) -> torch.Tensor:  # fmt: skip
+    """transformers 4.15's BeamSearchScorer (early_stopping=False) on all images at once: every step is batched tensor
+    ops on the input's device; the only host sync per step is the "all images done" exit."""
     if beam_length not in ("original", "hf"):
         raise ValueError(f"beam_length must be 'original' or 'hf', got {beam_length!r}")
     device = ids.device
-    hyps = [_Hypotheses(nb, length_penalty) for _ in range(B)]
-    done = [False] * B
+    finished = _Finished(B, nb, max_length, pad, length_penalty, device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     beam_scores = torch.zeros(B, nb, device=device)
     beam_scores[:, 1:] = -1e9  # only the first beam is live at the start (all beams are identical)
-    beam_scores = beam_scores.view(-1)
+    beam_scores = beam_scores.view(-1)  # (R,)
+    first_row = torch.arange(B, device=device)[:, None] * nb  # (B, 1) row of each image's first beam
 
     def norm_len(new_len: int, finished_by_eos: bool) -> int:
         if beam_length == "hf":
@@ -339,49 +394,32 @@ def _beam_search(
         scores = _min_length(scores, cur_len, min_length, eos)
         V = scores.shape[-1]
         next_scores = (scores + beam_scores[:, None]).view(B, nb * V)
-        top_scores, top_idx = torch.topk(next_scores, 2 * nb, dim=1)  # (B, 2nb)
-        top_beam, top_tok = (top_idx // V).tolist(), (top_idx % V).tolist()
-        top_scores_l = top_scores.tolist()
+        top_scores, top_idx = torch.topk(next_scores, 2 * nb, dim=1)  # (B, 2nb), best first
+        top_row, top_tok = first_row + top_idx // V, top_idx % V  # (B, 2nb) source row and token
+        is_eos = top_tok == eos  # (B, 2nb)
 
-        new_scores, new_tokens, new_rows = [], [], []
-        for b in range(B):
-            if done[b]:
-                new_scores += [0.0] * nb
-                new_tokens += [pad] * nb
-                new_rows += [b * nb] * nb
-                continue
-            kept = 0
-            for rank in range(2 * nb):
-                tok, sc, row = top_tok[b][rank], top_scores_l[b][rank], b * nb + top_beam[b][rank]
-                if tok == eos:
-                    if rank < nb:  # only a top-nb candidate may finish
-                        hyps[b].add(ids[row].clone(), sc, norm_len(cur_len + 1, True))
-                else:
-                    new_scores.append(sc)
-                    new_tokens.append(tok)
-                    new_rows.append(row)
-                    kept += 1
-                if kept == nb:
-                    break
-            done[b] = hyps[b].is_done(max(top_scores_l[b]), norm_len(cur_len + 1, True))
+        # an EOS among the top nb finishes its beam (the sequence without EOS), in images still running
+        finishing = is_eos[:, :nb] & ~done[:, None]  # (B, nb)
+        finished.add(ids[top_row[:, :nb]], top_scores[:, :nb], finishing, norm_len(cur_len + 1, True))
+        # the nb best non-EOS candidates go on, in rank order (each beam has one EOS: 2nb always holds nb others)
+        keep = is_eos.to(torch.uint8).argsort(dim=1, stable=True)[:, :nb]  # (B, nb)
+        new_scores = top_scores.gather(1, keep).masked_fill(done[:, None], 0.0)  # (B, nb)
+        new_tokens = top_tok.gather(1, keep).masked_fill(done[:, None], pad)  # done images: pad on their first row
+        new_rows = torch.where(done[:, None], first_row, top_row.gather(1, keep))
+        done |= finished.is_done(top_scores[:, 0], norm_len(cur_len + 1, True))
 
-        rows_t = torch.tensor(new_rows, device=device)
-        beam_scores = torch.tensor(new_scores, device=device)
-        ids = torch.cat([ids[rows_t], torch.tensor(new_tokens, device=device)[:, None]], dim=1)
-        steps.reorder(rows_t)
-        if all(done):
+        rows = new_rows.view(-1)  # (R,)
+        beam_scores = new_scores.view(-1)
+        ids = torch.cat([ids[rows], new_tokens.view(-1, 1)], dim=1)  # (R, cur_len + 1)
+        steps.reorder(rows)
+        if bool(done.all()):
             break
 
-    final_len = ids.shape[1]
-    for b in range(B):
-        if not done[b]:
-            for j in range(nb):
-                hyps[b].add(ids[b * nb + j].clone(), float(beam_scores[b * nb + j]), norm_len(final_len, False))
-    best = [max(h.beams, key=lambda x: x[0])[1] for h in hyps]
-    T = min(max(len(x) for x in best) + 1, max_length)
-    out = torch.full((B, T), pad, dtype=torch.long, device=device)
-    for b, seq in enumerate(best):
-        out[b, : len(seq)] = seq
-        if len(seq) < max_length:
-            out[b, len(seq)] = eos
-    return out
+    # images still running: their live beams are candidates too (in rank order, so non-increasing scores)
+    live = (~done)[:, None].expand(B, nb)  # (B, nb)
+    finished.add(ids.view(B, nb, -1), beam_scores.view(B, nb), live, norm_len(ids.shape[1], False))
+    seqs, lengths = finished.best()  # (B, max_length), (B,)
+    T = min(int(lengths.max()) + 1, max_length)
+    # an EOS right after each sequence shorter than max_length (length < T exactly then), pad after it
+    at_end = torch.arange(T, device=device)[None, :] == lengths[:, None]  # (B, T)
+    return torch.where(at_end, eos, seqs[:, :T])
