@@ -6,7 +6,7 @@ noise keyed by one seed per sample, `sample_seed(seed, key)`, so reruns, retries
 batch size give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
 each synthetic caption; a text is kept when its ITM probability >= threshold, a sample when any text is kept
 (`select_texts`: the one keep rule, also applied by `capfilt select` to the stored scores).
-No Ray in here: pipelines/run.py adapts these classes to Ray Data.
+The result columns and their types are capfilt/schema.py's (`SampleResult`). No Ray in here.
 """
 
 from __future__ import annotations
@@ -20,18 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from blip.image import normalize
-
-# Columns CapFiltStage adds to each row (the input columns, minus `pixels`, pass through).
-RESULT_COLUMNS = (
-    "synthetic_captions",  # list[str]
-    "web_itm",  # float | None (None: no web text)
-    "web_itc",  # float | None
-    "synthetic_itm",  # list[float]
-    "synthetic_itc",  # list[float]
-    "kept_texts",  # list[str]: web text first when kept, then kept synthetic captions
-    "kept",  # bool
-    "reason",  # None when kept; else "below_threshold" | "no_text" | the row's error status
-)
+from capfilt.schema import RESULT_COLUMNS, SampleResult
 
 # the one table of model dtypes (capfilt run, caption, score, vqa)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -201,7 +190,7 @@ class CapFiltStage(CapFiltSettings):
         return normalize(x, cfg.image_mean, cfg.image_std, self._dtype)
 
     @torch.no_grad()
-    def _run_ok(self, pixels: np.ndarray, keys: list[str], webs: list[str | None]) -> list[dict[str, Any]]:
+    def _run_ok(self, pixels: np.ndarray, keys: list[str], webs: list[str | None]) -> list[SampleResult]:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self._device, non_blocking=True)  # (B, S, S, 3) uint8
         caps: list[list[str]] = [[] for _ in keys]
         if self.num_captions > 0:
@@ -224,23 +213,23 @@ class CapFiltStage(CapFiltSettings):
             off = 1 if w is not None else 0
             kept_texts, reason = select_texts(w, p[0] if off else None, c, p[off:], self.threshold)
             out.append(
-                {
-                    "synthetic_captions": c,
-                    "web_itm": p[0] if off else None,
-                    "web_itc": s[0] if off else None,
-                    "synthetic_itm": p[off:],
-                    "synthetic_itc": s[off:],
-                    "kept_texts": kept_texts,
-                    "kept": bool(kept_texts),
-                    "reason": reason,
-                }
+                SampleResult(
+                    synthetic_captions=c,
+                    web_itm=p[0] if off else None,
+                    web_itc=s[0] if off else None,
+                    synthetic_itm=p[off:],
+                    synthetic_itc=s[off:],
+                    kept_texts=kept_texts,
+                    kept=bool(kept_texts),
+                    reason=reason,
+                )
             )
         return out
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """DecodeStage output (`pixels` (B, S, S, 3) uint8, `status`, `key`, `caption`, ...) -> rows with results.
+    def results(self, batch: dict[str, Any]) -> list[SampleResult]:
+        """DecodeStage output (`pixels` (B, S, S, 3) uint8, `status`, `key`, `caption`, ...) -> one result per row.
 
-        Rows whose status is not "ok" pass through with empty lists, `kept=False` and `reason` = their status.
+        Rows whose status is not "ok" get SampleResult's defaults (empty lists, not kept), `reason` = their status.
         """
         if not hasattr(self, "_device"):
             self.setup()
@@ -248,26 +237,19 @@ class CapFiltStage(CapFiltSettings):
         status = [str(s) for s in batch["status"]]
         keys = [str(k) for k in batch["key"]]
         webs = [_web_text(t) for t in batch.get("caption", [None] * n)]
-        results: list[dict[str, Any] | None] = [None] * n
+        results: list[SampleResult | None] = [None] * n
         ok = [i for i in range(n) if status[i] == "ok"]
         pixels = batch["pixels"]
         for j in range(0, len(ok), self.batch_size):
             idx = ok[j : j + self.batch_size]
             for i, r in zip(idx, self._run_ok(pixels[idx], [keys[i] for i in idx], [webs[i] for i in idx])):
                 results[i] = r
-        for i in range(n):
-            if results[i] is None:
-                results[i] = {
-                    "synthetic_captions": [],
-                    "web_itm": None,
-                    "web_itc": None,
-                    "synthetic_itm": [],
-                    "synthetic_itc": [],
-                    "kept_texts": [],
-                    "kept": False,
-                    "reason": status[i],
-                }
+        return [r if r is not None else SampleResult(reason=s) for r, s in zip(results, status)]
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """`results` as columns: the batch's own columns (less `pixels`) + RESULT_COLUMNS (tests, benchmarks)."""
+        results = self.results(batch)
         out = {k: v for k, v in batch.items() if k != "pixels"}
         for col in RESULT_COLUMNS:
-            out[col] = [r[col] for r in results]
+            out[col] = [getattr(r, col) for r in results]
         return out

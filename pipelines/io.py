@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from capfilt.schema import OUT_COLUMNS, OUT_SCHEMA, shard_stats
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 # webdataset's rule: the key is everything before the first dot of the file's basename (directories included)
@@ -382,50 +383,6 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, at
     af.commit()
 
 
-# Per-sample parquet columns: the output contract (README, "capfilt run")
-OUT_COLUMNS = [
-    "key",
-    "url",
-    "shard",
-    "idx",
-    "caption",
-    "synthetic_captions",
-    "web_itm",
-    "web_itc",
-    "synthetic_itm",
-    "synthetic_itc",
-    "kept_texts",
-    "kept",
-    "reason",
-    "status",
-    "error",
-    "json",
-]
-OUT_SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("url", pa.string()),
-        ("shard", pa.string()),
-        ("idx", pa.int64()),
-        ("caption", pa.string()),
-        ("synthetic_captions", pa.list_(pa.string())),
-        ("web_itm", pa.float32()),
-        ("web_itc", pa.float32()),
-        ("synthetic_itm", pa.list_(pa.float32())),
-        ("synthetic_itc", pa.list_(pa.float32())),
-        ("kept_texts", pa.list_(pa.string())),
-        ("kept", pa.bool_()),
-        ("reason", pa.string()),
-        ("status", pa.string()),
-        ("error", pa.string()),
-        ("json", pa.string()),
-    ]
-)
-
-HIST_BINS = 200  # summary histograms: ITM over [0, 1], ITC over [-1, 1]
-HIST_RANGES = {"web_itm": (0.0, 1.0), "synthetic_itm": (0.0, 1.0), "web_itc": (-1.0, 1.0), "synthetic_itc": (-1.0, 1.0)}
-
-
 class ShardWriter:
     """One shard's outputs, written by the worker that computes them, rows in sample order.
 
@@ -453,7 +410,7 @@ class ShardWriter:
         self.tar = wds.TarWriter(self.sink, encoder=False, mtime=0.0, mode=0o644, user="", group="")
 
     def add(self, row: dict[str, Any]) -> None:
-        """A result row (OUT_COLUMNS + `image`/`image_ext` bytes for kept samples)."""
+        """An output row (capfilt.schema.OUT_COLUMNS + `image`/`image_ext` bytes for kept samples)."""
         if row["kept"]:
             key = row["key"]
             meta = {
@@ -482,7 +439,8 @@ class ShardWriter:
         self.tar_file.commit()
         pq_path = posixpath.join(self.root, "parquet", f"{self.shard}.parquet")
         write_parquet_atomic(self.fs, pq_path, self.rows, self.attempt)
-        stats = shard_stats(self.rows, self.shard, read_error)
+        stats = {"shard": self.shard, "state": "failed" if read_error else "done", "error": read_error}
+        stats.update(shard_stats(self.rows))
         stats["seconds"] = round(time.time() - self.started, 3)
         stats["finished"] = round(time.time(), 3)
         stats["attempt"] = self.attempt
@@ -529,42 +487,6 @@ def write_failed_state(
 
 def state_path(root: str, shard: str) -> str:
     return posixpath.join(root, "_state", f"{shard}.json")
-
-
-def shard_stats(rows: list[dict[str, Any]], shard: str, read_error: str | None) -> dict[str, Any]:
-    """Counts and mergeable score histograms for one shard."""
-    status = [r["status"] for r in rows]
-    kept = [bool(r["kept"]) for r in rows]
-    ok = [s == "ok" for s in status]
-    hists: dict[str, list[int]] = {}
-    for col, (lo, hi) in HIST_RANGES.items():
-        vals: list[float] = []
-        for r in rows:
-            v = r.get(col)
-            if v is None:
-                continue
-            vals.extend(v if isinstance(v, list | tuple | np.ndarray) else [v])
-        hists[col] = np.histogram(np.clip(np.asarray(vals, dtype=np.float64), lo, hi), bins=HIST_BINS, range=(lo, hi))[
-            0
-        ].tolist()
-    kept_texts = [(r.get("caption"), list(r["kept_texts"] or [])) for r in rows if r["kept"]]
-    web_kept = sum(1 for web, texts in kept_texts if web is not None and web in texts)
-    synthetic_kept = sum(1 for web, texts in kept_texts if any(t != web for t in texts))
-    return {
-        "shard": shard,
-        "state": "failed" if read_error else "done",
-        "error": read_error,
-        "in": len(rows),
-        "ok": sum(ok),
-        "kept": sum(kept),
-        "dropped": sum(1 for o, k in zip(ok, kept) if o and not k),
-        "decode_errors": sum(1 for s in status if s == "decode_error"),
-        "other_errors": sum(1 for s in status if s not in ("ok", "decode_error")),
-        "duplicate_keys": sum(1 for s in status if s == "duplicate_key"),  # also counted in other_errors
-        "web_kept": web_kept,
-        "synthetic_kept": synthetic_kept,
-        "histograms": hists,
-    }
 
 
 def iter_states(fs: fsspec.AbstractFileSystem, root: str, chunk: int = 256) -> Iterator[dict[str, Any]]:

@@ -29,28 +29,19 @@ from typing import Any
 
 import fsspec
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.io import OUT_COLUMNS
+from capfilt.schema import COUNT_KEYS, HIST_BINS, HIST_RANGES, OUT_COLUMNS, count_rows, score_histograms
 
 THUMB_PX = 128  # longest side of a contact-sheet thumbnail
 THUMB_QUALITY = 80
-HIST_BINS = 50
+CHART_BINS = 50  # the page's histogram bars: HIST_BINS // CHART_BINS of the summary's bins each
 DEFAULT_THRESHOLD = 0.5
 MAX_SHARD_ROWS = 1000  # shard table rows shown (failed shards always first)
 ERROR_CARD_SHARE = 0.1  # share of the cards reserved for samples that failed (decode errors, ...)
 
 # the per-sample columns the report needs: the run's output contract minus the metadata json
 _COLUMNS = [c for c in OUT_COLUMNS if c != "json"]
-_SCORES = {  # histogram name -> (column, range)
-    "web_itm": ("web_itm", (0.0, 1.0)),
-    "synthetic_itm": ("synthetic_itm", (0.0, 1.0)),
-    "web_itc": ("web_itc", (-1.0, 1.0)),
-    "synthetic_itc": ("synthetic_itc", (-1.0, 1.0)),
-}
-# per-shard counts, as pipelines/io.shard_stats names them; the job adds failed_shards
-SHARD_COUNTS = ("in", "kept", "dropped", "decode_errors", "other_errors", "web_kept", "synthetic_kept")
 COUNT_NAMES = ("in", "kept", "dropped", "decode_errors", "other_errors", "failed_shards", "web_kept", "synthetic_kept")
 COUNT_LABELS = {
     "in": "in",
@@ -72,7 +63,7 @@ class ShardRow:
     shard: str
     state: str = "done"  # "done" | "failed"
     error: str | None = None
-    counts: dict[str, int] = field(default_factory=dict)  # in, kept, dropped, decode_errors, other_errors
+    counts: dict[str, int] = field(default_factory=dict)  # capfilt.schema.COUNT_KEYS
 
     @property
     def kept_ratio(self) -> float:
@@ -86,7 +77,7 @@ class Scan:
 
     counts: dict[str, int]  # computed from the parquet rows (+ failed shards from the state files)
     shards: dict[str, ShardRow]
-    hists: dict[str, np.ndarray]  # name -> (HIST_BINS,) int64 counts
+    hists: dict[str, np.ndarray]  # score column -> (CHART_BINS,) int64 counts
     cards: list[dict[str, Any]]  # selected rows, in display order
 
 
@@ -115,7 +106,7 @@ def scan_output(
     files = sorted(p for p in (fs.ls(pq_dir, detail=False) if fs.isdir(pq_dir) else []) if _is_data_file(p))
     if not files:
         raise FileNotFoundError(f"no per-sample parquet files under {pq_dir!r}; is this a `capfilt run` output folder?")
-    hists = {name: np.zeros(HIST_BINS, dtype=np.int64) for name in _SCORES}
+    hists = {col: np.zeros(HIST_BINS, dtype=np.int64) for col in HIST_RANGES}
     shards: dict[str, ShardRow] = {}
     scored: list[tuple[float, int, dict[str, Any]]] = []  # max-heap on margin via negation, size <= max_samples
     failed: list[dict[str, Any]] = []  # first max_samples rows whose status is not "ok"
@@ -123,31 +114,20 @@ def scan_output(
     for path in files:
         with fs.open(path, "rb") as f:
             table = pq.read_table(f, columns=[c for c in _COLUMNS if c in pq.read_schema(f).names])
-        for name, (col, (lo, hi)) in _SCORES.items():
-            if col not in table.column_names:
-                continue
-            arr = table[col]
-            if str(arr.type).startswith(("list", "large_list")):
-                arr = pc.list_flatten(arr)
-            vals = arr.drop_null().to_numpy(zero_copy_only=False).astype(np.float64)
-            hists[name] += np.histogram(np.clip(vals, lo, hi), bins=HIST_BINS, range=(lo, hi))[0]
-        for row in table.to_pylist():
-            shard = row.get("shard") or posixpath.splitext(posixpath.basename(path))[0]
-            s = shards.setdefault(shard, ShardRow(shard, counts=dict.fromkeys(SHARD_COUNTS, 0)))
-            status = row.get("status") or "ok"
-            s.counts["in"] += 1
-            if row.get("kept"):
-                s.counts["kept"] += 1
-                web, kept_texts = row.get("caption"), list(row.get("kept_texts") or [])
-                s.counts["web_kept"] += web is not None and web in kept_texts
-                s.counts["synthetic_kept"] += any(t != web for t in kept_texts)
-            elif status == "ok":
-                s.counts["dropped"] += 1
-            elif status == "decode_error":
-                s.counts["decode_errors"] += 1
-            else:
-                s.counts["other_errors"] += 1
-            if status != "ok":
+        rows = table.to_pylist()
+        # the numbers of the shards' state records, recounted from the rows by the same functions
+        for col, h in score_histograms(rows).items():
+            hists[col] += h
+        stem = posixpath.splitext(posixpath.basename(path))[0]
+        by_shard: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_shard.setdefault(row.get("shard") or stem, []).append(row)
+        for shard, group in by_shard.items():
+            s = shards.setdefault(shard, ShardRow(shard, counts=dict.fromkeys(COUNT_KEYS, 0)))
+            for k, v in count_rows(group).items():
+                s.counts[k] += v
+        for row in rows:
+            if row.get("status") != "ok":
                 if len(failed) < max_samples:
                     failed.append(row)
                 continue
@@ -160,11 +140,12 @@ def scan_output(
             elif item > scored[0]:
                 heapq.heapreplace(scored, item)
     for name, st in states.items():  # shards with a state file: their verdict, and shards that produced no rows
-        s = shards.setdefault(name, ShardRow(name, counts=dict.fromkeys(SHARD_COUNTS, 0)))
+        s = shards.setdefault(name, ShardRow(name, counts=dict.fromkeys(COUNT_KEYS, 0)))
         s.state, s.error = st.get("state", "done"), st.get("error")
-    counts = {k: sum(s.counts[k] for s in shards.values()) for k in SHARD_COUNTS}
+    counts = {k: sum(s.counts[k] for s in shards.values()) for k in COUNT_KEYS}
     counts["failed_shards"] = sum(1 for s in shards.values() if s.state == "failed")
-    return Scan(counts, shards, hists, _pick_cards(scored, failed, max_samples))
+    charts = {col: h.reshape(CHART_BINS, -1).sum(axis=1) for col, h in hists.items()}  # adjacent bins merged
+    return Scan(counts, shards, charts, _pick_cards(scored, failed, max_samples))
 
 
 def _is_data_file(path: str) -> bool:
@@ -300,9 +281,9 @@ def merge_summary(scan: Scan, summary: dict[str, Any] | None) -> tuple[dict[str,
     diff = [f"{k} {v} vs {counts.get(k)}" for k, v in stated.items() if counts.get(k) != v]
     for st in summary.get("per_shard") or []:
         name = st.get("shard")
-        s = scan.shards.setdefault(name, ShardRow(name, counts=dict.fromkeys(SHARD_COUNTS, 0)))
+        s = scan.shards.setdefault(name, ShardRow(name, counts=dict.fromkeys(COUNT_KEYS, 0)))
         s.state, s.error = st.get("state") or s.state, st.get("error")
-        for k in SHARD_COUNTS:
+        for k in COUNT_KEYS:
             if isinstance(st.get(k), int) and st[k] != s.counts[k]:
                 diff.append(f"shard {name} {k} {st[k]} vs {s.counts[k]}")
                 s.counts[k] = st[k]

@@ -13,19 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.io import HIST_BINS, HIST_RANGES, write_bytes_atomic
-
-COUNT_KEYS = (
-    "in",
-    "ok",
-    "kept",
-    "dropped",
-    "decode_errors",
-    "other_errors",
-    "duplicate_keys",
-    "web_kept",
-    "synthetic_kept",
-)
+from capfilt.schema import COUNT_KEYS, HIST_BINS, HIST_RANGES
+from pipelines.io import write_bytes_atomic
 
 
 class SummaryBuilder:

@@ -20,7 +20,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
@@ -126,7 +126,8 @@ class ShardProcessor:
             _put(batches, e, stop)
 
     def process_batch(self, rows: list[dict[str, Any]], decoded: list[tuple]) -> list[dict[str, Any]]:
-        """READ_FIELDS rows + their decode results -> result rows (OUT_COLUMNS, + image bytes when kept)."""
+        """READ_FIELDS rows + their decode results -> output rows: each read row with its SampleResult's fields and
+        its decode status added (ShardWriter keeps capfilt.schema.OUT_COLUMNS, and the image bytes when kept)."""
         s = self.settings.image_size
         pixels = np.zeros((len(rows), s, s, 3), dtype=np.uint8)  # (B, S, S, 3)
         for i, (px, *_rest) in enumerate(decoded):
@@ -139,36 +140,14 @@ class ShardProcessor:
             "pixels": pixels,
         }
         with self.model_lock:
-            result = self.stage(batch)
+            results = self.stage.results(batch)
         with self._count_lock:
             self.processed += len(rows)
-        out = []
-        for i, r in enumerate(rows):
-            kept = bool(result["kept"][i])
-            out.append(
-                {
-                    "key": r["key"],
-                    "url": r["url"],
-                    "shard": r["shard"],
-                    "idx": r["idx"],
-                    "caption": r["caption"],
-                    "synthetic_captions": result["synthetic_captions"][i],
-                    "web_itm": result["web_itm"][i],
-                    "web_itc": result["web_itc"][i],
-                    "synthetic_itm": result["synthetic_itm"][i],
-                    "synthetic_itc": result["synthetic_itc"][i],
-                    "kept_texts": result["kept_texts"][i],
-                    "kept": kept,
-                    "reason": result["reason"][i],
-                    "status": decoded[i][1],
-                    # a decode error wins; else a read note (non-UTF-8 caption, bad .json) stays visible
-                    "error": decoded[i][2] or r["note"],
-                    "json": r["json"],
-                    "image": r["image"] if kept else None,
-                    "image_ext": r["image_ext"],
-                }
-            )
-        return out
+        # a decode error wins; else a read note (non-UTF-8 caption, bad .json) stays visible
+        return [
+            {**r, **asdict(res), "status": d[1], "error": d[2] or r["note"]}
+            for r, d, res in zip(rows, decoded, results)
+        ]
 
 
 def _done(result: Any) -> Future:
