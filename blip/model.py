@@ -995,10 +995,6 @@ MODEL_CLASSES: dict[str, type[BlipBase]] = {
 }
 
 
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def init_weights(model: nn.Module, std: float = 0.02) -> None:
     """BERT/ViT-style init for training from scratch: normal(0, std) linear/embeddings, LayerNorm (1, 0)."""
     for m in model.modules():
