@@ -85,9 +85,9 @@ def fingerprint(info: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
-def _fs_and_path(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    return fs, path
+def fs_and_path(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """A local path or URL (s3://, gs://, ...) -> its filesystem and the protocol-stripped path."""
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
 def _unstrip(fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -112,7 +112,7 @@ def list_shards(
     that cannot be read fails as a shard, with the reason. Raises FileNotFoundError when nothing matches, so the CLI
     can say so before Ray starts.
     """
-    fs, path = _fs_and_path(input, storage_options)
+    fs, path = fs_and_path(input, storage_options)
     if _GLOB_CHARS.search(path):
         infos = {p: i for p, i in fs.glob(path, detail=True).items() if i.get("type") != "directory"}
     elif fs.isdir(path):
@@ -210,7 +210,7 @@ def member_key(member: tarfile.TarInfo) -> tuple[str, str] | None:
 def count_samples(path: str, storage_options: dict[str, Any] | None = None) -> int:
     """Samples in one shard without reading images: tar headers (seeking past the data where the file allows it)
     or the parquet footer. An unreadable shard counts what was read before the damage."""
-    fs, p = _fs_and_path(path, storage_options)
+    fs, p = fs_and_path(path, storage_options)
     if p.endswith(".parquet"):
         with fs.open(p, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
@@ -273,7 +273,7 @@ class ShardReader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         first: dict[str, int] = {}  # key -> idx of its first sample: a repeat is marked, never merged or dropped
         try:
-            fs, path = _fs_and_path(self.shard.path, self.storage_options)
+            fs, path = fs_and_path(self.shard.path, self.storage_options)
             tar = self.shard.format == "tar"
             if tar and not path.endswith(TAR_SUFFIXES):
                 raise ValueError(f"cannot read a {shard_suffix(path)} shard (readable: {', '.join(TAR_SUFFIXES)})")

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.schema import COUNT_KEYS, HIST_BINS, HIST_RANGES, OUT_COLUMNS, count_rows, score_histograms
+from pipelines.io import fs_and_path
 
 THUMB_PX = 128  # longest side of a contact-sheet thumbnail
 THUMB_QUALITY = 80
@@ -79,10 +80,6 @@ class Scan:
     shards: dict[str, ShardRow]
     hists: dict[str, np.ndarray]  # score column -> (CHART_BINS,) int64 counts
     cards: list[dict[str, Any]]  # selected rows, in display order
-
-
-def _fs(url: str, storage_options: dict[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
 
 
 def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
@@ -304,7 +301,7 @@ def write_report(
     """Build the HTML report of a `capfilt run` output folder; returns the path written (default OUT/report.html)."""
     if max_samples < 0:
         raise ValueError(f"max_samples must be >= 0, got {max_samples}")
-    fs, root = _fs(output_dir, storage_options)
+    fs, root = fs_and_path(output_dir, storage_options)
     if not fs.isdir(root):
         raise FileNotFoundError(f"output folder {output_dir!r} does not exist")
     summary = _read_json(fs, posixpath.join(root, "summary.json"))
@@ -331,7 +328,7 @@ def write_report(
         max_samples=max_samples,
     )
     out = out or posixpath.join(output_dir.rstrip("/"), "report.html")
-    ofs, opath = _fs(out, storage_options)
+    ofs, opath = fs_and_path(out, storage_options)
     parent = posixpath.dirname(opath)
     if parent and not ofs.isdir(parent):
         ofs.makedirs(parent, exist_ok=True)
