@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFile, ImageOps
 
 from blip.image import resize_rgb
+from capfilt.decode import load_rgb
 from pipelines.io import IMAGE_EXTS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -105,14 +106,6 @@ def sample_texts(group: dict[str, Any], max_words: int = 30) -> list[str]:
     return [t for t in cleaned if t]
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Image bytes -> RGB PIL at full size: capfilt.decode's decoder (EXIF, alpha on white, 16-bit scaled, size
-    cap), so training sees the pixels CapFilt sees; raises DecodeError."""
-    from capfilt.decode import load_rgb
-
-    return load_rgb(data)[0]
-
-
 @dataclass
 class Parsed:
     key: str
@@ -136,7 +129,7 @@ def parse_group(group: dict[str, Any], max_words: int = 30, require_text: bool =
     if not texts and require_text:
         return Parsed(key=key, image=None, texts=[], status="empty_text", error="no non-empty text")
     try:
-        image = decode_image(group[ext])
+        image = load_rgb(group[ext])[0]  # capfilt.decode's decoder: training sees the pixels CapFilt sees
     except Exception as e:  # noqa: BLE001 - any decoder failure is a per-sample status, never a crash
         return Parsed(key=key, image=None, texts=texts, status="decode_error", error=f"{type(e).__name__}: {e}")
     return Parsed(key=key, image=image, texts=texts, status="ok", meta=sample_meta(group))

@@ -12,8 +12,7 @@ import numpy as np
 from PIL import Image
 
 from capfilt.decode import decode_image
-from pipelines.data import count_tar_samples, eval_transform, iter_tar_groups, list_tars
-from pipelines.data import decode_image as training_decode
+from pipelines.data import count_tar_samples, eval_transform, iter_tar_groups, list_tars, parse_group
 from pipelines.io import ShardReader, count_samples, list_shards
 from pipelines.report import _images_from_tar
 
@@ -59,6 +58,12 @@ def test_alpha_and_16_bit_pngs_decode_alike_for_capfilt_and_training():
     rgba = rng.integers(0, 256, (24, 24, 4), dtype=np.uint8)
     rgba[..., 3] = np.linspace(0, 255, 24, dtype=np.uint8)[None, :]  # a transparency ramp
     deep = (rng.integers(0, 65536, (24, 24))).astype(np.uint16)
+
+    def training_decode(data: bytes) -> Image.Image:  # the image training reads from a tar sample
+        parsed = parse_group({"__key__": "k", "png": data, "txt": b"a caption"})
+        assert parsed.status == "ok", parsed.error
+        return parsed.image
+
     for data in (_png(Image.fromarray(rgba, "RGBA")), _png(Image.fromarray(deep))):
         capfilt_px = decode_image(data, 16)
         training_px = eval_transform(training_decode(data), 16)
