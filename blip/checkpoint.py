@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from blip.config import BlipConfig
 from blip.convert import TRAINING_STATE, config_from_hf, config_from_original, hf_to_original, interpolate_pos_embed
+from blip.hub import looks_like_hub_id
 from blip.tokenizer import build_tokenizer
 
 WEIGHT_FILES = (
@@ -35,7 +36,6 @@ WEIGHT_FILES = (
     "pytorch_model.bin.index.json",
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 FORMAT_TAG = "capfilt-blip"
 
 
@@ -97,8 +97,7 @@ def resolve(path_or_id: str | os.PathLike[str]) -> Path:
     if path.exists():
         return path
     s = str(path_or_id)
-    looks_local = s.startswith((".", "/", "~")) or s.endswith(CHECKPOINT_SUFFIXES) or s.count("/") != 1
-    if looks_local:
+    if not looks_like_hub_id(s):
         raise FileNotFoundError(f"checkpoint {s} does not exist (expected a .pth file, a model folder or a hub id)")
     try:
         from huggingface_hub import snapshot_download

@@ -18,26 +18,15 @@ from typing import Any, TypeVar
 
 import yaml
 
+from blip.hub import looks_like_hub_id
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")
 
+
 # suffixes that make a string a checkpoint file, never a hub id (as blip.load decides)
-_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".json", ".txt", ".yaml", ".yml")
-
-
 def is_url(s: str) -> bool:
     return "://" in s
-
-
-def looks_like_hub_id(s: str) -> bool:
-    """`owner/name` that is not a local path: exactly one "/", no leading `.`, `/` or `~`, no file suffix, and
-    nothing at that path here (a local folder of that name wins, as in blip.load)."""
-    return (
-        s.count("/") == 1
-        and not s.startswith((".", "/", "~"))
-        and not s.endswith(_FILE_SUFFIXES)
-        and not os.path.exists(s)
-    )
 
 
 def resolve_path(p: str | os.PathLike[str] | None, hub: bool = False) -> str | None:

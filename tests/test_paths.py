@@ -26,6 +26,7 @@ def test_resolve_path_keeps_urls_and_hub_ids(tmp_path, monkeypatch):
     assert resolve_path("ckpts/model_base.pth", hub=True) == str(tmp_path / "ckpts" / "model_base.pth")
     assert resolve_path("a/b/c", hub=True) == str(tmp_path / "a" / "b" / "c")
     assert resolve_path("bare", hub=True) == str(tmp_path / "bare")
+    assert resolve_path("org/model.ckpt", hub=True) == str(tmp_path / "org" / "model.ckpt")  # a file, not an id
     (tmp_path / "Salesforce" / "blip-itm-base-coco").mkdir(parents=True)  # a local folder of that name wins
     assert resolve_path("Salesforce/blip-itm-base-coco", hub=True) == str(
         tmp_path / "Salesforce" / "blip-itm-base-coco"
@@ -82,3 +83,16 @@ def test_number_settings_read_as_numbers(tmp_path):
                          ("init_lr=yes", "init_lr: expected a number, got True")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             TrainSettings.from_yaml(None, data="d", output="o", **parse_set([bad]))
+
+
+def test_one_hub_id_rule_for_settings_and_checkpoint_loading(tmp_path, monkeypatch):
+    """What the settings leave unresolved is exactly what blip.checkpoint.resolve tries on the hub."""
+    from blip.checkpoint import resolve
+    from blip.hub import looks_like_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    for spec in ("org/model.ckpt", "org/config.json", "org/settings.yaml", "./org/name", "a/b/c", "bare"):
+        assert not looks_like_hub_id(spec)
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            resolve(spec)  # refused locally: never sent to the hub
+    assert looks_like_hub_id("Salesforce/blip-itm-base-coco")
