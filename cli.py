@@ -130,7 +130,7 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @friendly_errors
 def pretrain(set_items: tuple[str, ...], **kw: Any) -> None:
     """BLIP pretraining (ITC + ITM + LM) on webdataset tars with Ray Train."""
-    from pipelines.train import run_command
+    from pipelines.train.job import run_command
 
     run_command("pretrain", kw.pop("config"), set_items, **kw)
 
@@ -142,7 +142,7 @@ def pretrain(set_items: tuple[str, ...], **kw: Any) -> None:
 @friendly_errors
 def finetune(task: str, set_items: tuple[str, ...], **kw: Any) -> None:
     """Fine-tune the captioner (caption) or the filter (retrieval); the output loads as --captioner / --filter."""
-    from pipelines.train import run_command
+    from pipelines.train.job import run_command
 
     run_command(task, kw.pop("config"), set_items, **kw)
 
@@ -159,7 +159,7 @@ def warmup_vision(config: str, set_items: tuple[str, ...], **kw: Any) -> None:
     """Train a ViT supervised on the synthetic world (the stand-in for BLIP's ImageNet ViT); pretraining starts from
     it with `--set init_vision=OUTPUT`."""
     from pipelines.settings import overrides, resolve_preset
-    from pipelines.warmup import WarmupSettings, warmup_vision
+    from pipelines.train.warmup import WarmupSettings, warmup_vision
 
     s = WarmupSettings.from_yaml(resolve_preset(config), **overrides(set_items, **kw))
     r = warmup_vision(s)
@@ -208,7 +208,7 @@ def warmup_vision(config: str, set_items: tuple[str, ...], **kw: Any) -> None:
 def eval_(scorers: str, **kw: Any) -> None:
     """Retrieval R@1/5/10 both ways, or captioning BLEU-4 / CIDEr (all COCO caption metrics with --ground-truth);
     prints a table and writes JSON."""
-    from pipelines.evaluate import evaluate
+    from pipelines.train.evaluate import evaluate
 
     evaluate(scorers=[s.strip() for s in scorers.split(",") if s.strip()], **kw)
 
@@ -364,7 +364,7 @@ def report(
     storage_options: dict[str, Any] | None,
 ) -> None:
     """Write a self-contained HTML report of a `capfilt run` OUTPUT_DIR and print its path."""
-    from pipelines.report import write_report
+    from pipelines.report.page import write_report
 
     click.echo(write_report(output_dir, out, max_samples, input_, storage_options, threshold))
 
@@ -594,7 +594,8 @@ def run(
     """
     import json
 
-    from pipelines.run import JobInterrupted, load_config, run_capfilt
+    from pipelines.run.config import load_config
+    from pipelines.run.job import JobInterrupted, run_capfilt
 
     if kw.get("actor_resources") is not None:
         try:
@@ -665,8 +666,8 @@ def select(
     original image bytes from the input shards, summary.json); resumable, exactly once. Exit status as `capfilt run`:
     0 all shards done, 2 some failed, 1 bad setup (NEW holds another selection: --overwrite), 130 interrupted.
     """
-    from pipelines.run import JobInterrupted
-    from pipelines.select import SelectConfig, run_select
+    from pipelines.run.job import JobInterrupted
+    from pipelines.run.select import SelectConfig, run_select
 
     cfg = SelectConfig(
         run=run_dir,

@@ -81,7 +81,8 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
 _JOBS = """
 import json, sys, time
 import ray
-from pipelines.run import load_config, run_capfilt
+from pipelines.run.config import load_config
+from pipelines.run.job import run_capfilt
 config, overrides, jobs = json.loads(sys.argv[1])
 ray.init(include_dashboard=False, log_to_driver=False)
 out = []
@@ -125,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from capfilt.synth import write_corpus
-    from pipelines.run import load_config
+    from pipelines.run.config import load_config
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_run_"))
     cap, filt = args.captioner, args.filter

@@ -3,7 +3,7 @@
     SampleResult    what CapFiltStage computes for one sample (its fields are the stage's columns, RESULT_COLUMNS)
     OUT_SCHEMA      the parquet's columns in order with their types: the input sample's, SampleResult's, the status
     shard_stats     a shard's counts (COUNT_KEYS) and fixed-bin score histograms (HIST_BINS over HIST_RANGES): the
-                    state record's numbers, merged by pipelines/summary.py and recounted from the parquet by the report
+                    state record's numbers, merged by pipelines/run/summary.py and recounted from the parquet by the report
 
 Rows travel as dicts from the stage to the writer (pipelines/io.ShardWriter), which builds the table once per shard.
 """

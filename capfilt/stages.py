@@ -93,7 +93,7 @@ def select_texts(
 
 @dataclass
 class CapFiltSettings:
-    """What CapFilt does to a sample: declared once, embedded by `capfilt run`'s RunConfig (pipelines/run.py)."""
+    """What CapFilt does to a sample: declared once, embedded by `capfilt run`'s RunConfig (pipelines/run/config.py)."""
 
     captioner: str = "Salesforce/blip-image-captioning-large"  # checkpoint path or hub id (blip.load)
     filter: str = "Salesforce/blip-itm-large-coco"

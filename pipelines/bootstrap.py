@@ -61,7 +61,7 @@ class BootstrapConfig:
     # model fine-tuned from it on the clean set by the filter's recipe, one more fine-tuning per arm), "zero_shot" = the
     # pretrained model itself (its ITC + ITM; cheaper)
     retrieval_eval: str = "finetuned"
-    # the synthetic world's stand-in for the ImageNet ViT BLIP starts from (pipelines/warmup.py): a supervised ViT
+    # the synthetic world's stand-in for the ImageNet ViT BLIP starts from (pipelines/train/warmup.py): a supervised ViT
     # warm-up on a split no other step sees, the ViT start of every pretraining arm; only from scratch on the
     # synthetic world (with `init`, `web`, or `pretrain: {init_vision: ...}` the start is yours)
     warmup_vision: bool = True
@@ -170,8 +170,8 @@ class Bootstrap:
     ) -> dict[str, Any]:
         """One training step of the loop; `steps`: exactly that many optimizer steps, the epochs following from the
         data's size (the schedule still decays per epoch, as configured)."""
-        from pipelines.data import count_tar_samples, list_tars
-        from pipelines.train import TrainSettings, train
+        from pipelines.train.data import count_tar_samples, list_tars
+        from pipelines.train.job import TrainSettings, train
 
         # the loop's seed seeds every training step too (init, data order, augmentations), unless a step sets its own
         s = TrainSettings.from_yaml(_preset(preset), **{"seed": self.cfg.seed, **overrides, **kw, "task": task})
@@ -191,7 +191,8 @@ class Bootstrap:
     def run_capfilt(
         self, data: dict[str, Any], captioner: str, filt: str, output: str = "capfilt", **kw: Any
     ) -> dict[str, Any]:
-        from pipelines.run import load_config, run_capfilt
+        from pipelines.run.config import load_config
+        from pipelines.run.job import run_capfilt
 
         rc = load_config(
             _preset(self.cfg.capfilt_config),
@@ -205,7 +206,7 @@ class Bootstrap:
         return {"output": rc.output, "threshold": rc.threshold, "samples": summary["counts"], "shards": shards}
 
     def evaluate(self, retrieval: str, captioner: str, test: str, name: str) -> dict[str, Any]:
-        from pipelines.evaluate import evaluate
+        from pipelines.train.evaluate import evaluate
 
         e = self.cfg.eval
         ret = evaluate("retrieval", retrieval, test, self.path("eval", name), k_test=e.get("k_test", 16),
@@ -286,7 +287,7 @@ class Bootstrap:
         return c.warmup_vision and not (c.init or c.web or c.pretrain.get("init_vision"))
 
     def warmup(self) -> dict[str, Any]:
-        from pipelines.warmup import WarmupSettings, warmup_vision
+        from pipelines.train.warmup import WarmupSettings, warmup_vision
 
         s = WarmupSettings.from_yaml(self.cfg.warmup_config, **{"seed": self.cfg.seed, **self.cfg.warmup,
                                                                  "output": self.path("warmup_vision")})  # fmt: skip

@@ -1,7 +1,7 @@
 """Shard I/O for `capfilt run`: find img2dataset shards, read them as raw bytes, write per-shard outputs atomically.
 
 Nothing here starts Ray: every function works on one shard, so it is tested on its own and runs under any executor
-(pipelines/worker.py calls it inside the CapFilt actors).
+(pipelines/run/worker.py calls it inside the CapFilt actors).
 
 `ShardReader` yields one dict per sample (`READ_FIELDS`) and, once exhausted, says whether the shard was read to its
 end (`error` is None) or why it stopped early; the samples read before the damage are still yielded.

@@ -162,7 +162,7 @@ def test_ingest_train_file_one_sample_per_caption_record(ann: dict, tmp_path: Pa
     side = _sidecar(out)
     assert len(side) == 30 and set(side["status"]) == {"success"} and side["key"].is_unique
     # what training reads: one text per sample, the record's caption (pre_caption applied as the original)
-    from pipelines.data import iter_samples, list_tars
+    from pipelines.train.data import iter_samples, list_tars
 
     parsed = list(iter_samples(list_tars(str(out))))
     assert [p.status for p in parsed] == ["ok"] * 30 and parsed[0].texts == ["a red circle"]

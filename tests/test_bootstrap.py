@@ -210,7 +210,7 @@ def test_bootstrap_init_starts_both_arms_from_the_checkpoint(tmp_path, tiny_voca
     from blip.model import BlipPretrain
     from blip.tokenizer import build_tokenizer
     from pipelines.bootstrap import Bootstrap, BootstrapConfig
-    from pipelines.train import TrainSettings, build_model
+    from pipelines.train.job import TrainSettings, build_model
 
     torch.manual_seed(0)
     ckpt = BlipPretrain(BlipConfig.from_name("tiny", family="pretrain", queue_size=64))

@@ -37,8 +37,8 @@ def _save(tmp_path, family, vocab):
 
 def test_retrieval_matches_brute_force(tmp_path, eval_data, tiny_vocab_dir):
     from blip.image import preprocess
-    from pipelines.data import pre_caption
-    from pipelines.evaluate import evaluate
+    from pipelines.train.data import pre_caption
+    from pipelines.train.evaluate import evaluate
 
     data, meta = eval_data
     path, model = _save(tmp_path, "retrieval", tiny_vocab_dir)
@@ -48,7 +48,7 @@ def test_retrieval_matches_brute_force(tmp_path, eval_data, tiny_vocab_dir):
     assert json.loads((tmp_path / "r.json").read_text())["metrics"] == res["metrics"]
 
     # brute force, pair by pair: every ITC similarity and every ITM logit, then ranks with plain Python sorting
-    from pipelines.data import iter_samples, list_tars
+    from pipelines.train.data import iter_samples, list_tars
 
     samples = [p for p in iter_samples(list_tars(str(data))) if p.status == "ok"]
     assert [p.key for p in samples] == [m["key"] for m in meta]
@@ -112,8 +112,8 @@ def test_caption_eval_matches_direct_scoring(tmp_path, eval_data, tiny_vocab_dir
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     from blip.image import preprocess
-    from pipelines.data import iter_samples, list_tars, pre_caption
-    from pipelines.evaluate import evaluate
+    from pipelines.train.data import iter_samples, list_tars, pre_caption
+    from pipelines.train.evaluate import evaluate
 
     data, meta = eval_data
     path, model = _save(tmp_path, "caption", tiny_vocab_dir)

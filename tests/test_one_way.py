@@ -12,9 +12,9 @@ import numpy as np
 from PIL import Image
 
 from capfilt.decode import decode_image
-from pipelines.data import count_tar_samples, eval_transform, iter_tar_groups, list_tars, parse_group
 from pipelines.io import ShardReader, count_samples, list_shards
-from pipelines.report import _images_from_tar
+from pipelines.report.gather import _images_from_tar
+from pipelines.train.data import count_tar_samples, eval_transform, iter_tar_groups, list_tars, parse_group
 
 
 def _png(img: Image.Image) -> bytes:

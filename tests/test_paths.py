@@ -38,7 +38,7 @@ def test_resolve_path_keeps_urls_and_hub_ids(tmp_path, monkeypatch):
 
 def test_train_settings_and_bootstrap_config_resolve_relative_paths(tmp_path, monkeypatch):
     from pipelines.bootstrap import BootstrapConfig
-    from pipelines.train import TrainSettings
+    from pipelines.train.job import TrainSettings
 
     monkeypatch.chdir(tmp_path)
     s = TrainSettings.from_yaml(
@@ -60,7 +60,7 @@ def test_train_settings_and_bootstrap_config_resolve_relative_paths(tmp_path, mo
 
 @pytest.mark.parametrize("url", ["s3://bucket/x", "gs://b/y"])
 def test_urls_survive_settings(url):
-    from pipelines.train import TrainSettings
+    from pipelines.train.job import TrainSettings
 
     assert TrainSettings.from_yaml(None, data=url, output="o").data == url
 
@@ -69,7 +69,7 @@ def test_number_settings_read_as_numbers(tmp_path):
     """YAML 1.1 reads `5e-4` (no dot) as text: as a setting it must still reach the optimizer as a number, from a
     preset file and from `--set` alike; a value that is no number is refused by name."""
     from pipelines.settings import parse_set
-    from pipelines.train import TrainSettings
+    from pipelines.train.job import TrainSettings
 
     (tmp_path / "p.yaml").write_text("task: pretrain\ninit_lr: 5e-4\nbatch_size: 1e1\n")
     s = TrainSettings.from_yaml(tmp_path / "p.yaml", data="d", output="o")

@@ -25,7 +25,8 @@ from blip.config import BlipConfig
 from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
 from capfilt.synth import write_corpus
-from pipelines.report import COUNT_NAMES, write_report
+from pipelines.report.gather import COUNT_NAMES
+from pipelines.report.page import write_report
 from tests.synth_fixtures import make_bad_corpus, write_truncated_shard
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -61,7 +62,8 @@ def _median_web_itm(input_dir: Path, cap: torch.nn.Module, filt: torch.nn.Module
 def run_output(tiny_vocab_dir, tmp_path_factory) -> dict:
     """A real `capfilt run` (Ray Data, tiny random models) over 2 synthetic shards, 1 hostile shard and 1 cut tar."""
     from blip import save_pretrained
-    from pipelines.run import load_config, run_capfilt
+    from pipelines.run.config import load_config
+    from pipelines.run.job import run_capfilt
 
     root = tmp_path_factory.mktemp("report")
     inp, bad = root / "input", root / "bad"

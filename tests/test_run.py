@@ -21,7 +21,8 @@ from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
 from capfilt.synth import write_corpus
 from pipelines.io import ShardReader, ShardWriter, list_shards
-from pipelines.run import load_config, run_capfilt
+from pipelines.run.config import load_config
+from pipelines.run.job import run_capfilt
 from tests.synth_fixtures import make_bad_corpus, write_truncated_shard
 
 TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "capfilt_tiny.yaml")
@@ -362,7 +363,7 @@ def test_pool_shape_one_actor_per_gpu_with_its_decode_cores(tmp_path, wds_corpus
     """The GPU path's placement, checked without a GPU: one actor per GPU, each reserving its decode threads as CPUs
     on the GPU's node, two shards in flight; CPU-only clusters get CPU actors with one shard in flight. Ray started
     here: a fixed pool; on a cluster (`address`): elastic, asking the autoscaler for one bundle per actor."""
-    from pipelines.run import pool_shape
+    from pipelines.run.scheduler import pool_shape
 
     def shape(cfg, gpus, on_cluster=False):
         p = pool_shape(cfg, gpus, on_cluster)

@@ -13,8 +13,8 @@ import pytest
 from ray import cloudpickle
 
 from capfilt.synth import write_corpus
-from pipelines.run import run_capfilt
-from pipelines.worker import ShardProcessor
+from pipelines.run.job import run_capfilt
+from pipelines.run.worker import ShardProcessor
 from tests.test_run import capfilt_models, check_output, tiny_config
 
 _FIXTURES = (capfilt_models,)  # shared fixture from tests/test_run.py

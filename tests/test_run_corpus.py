@@ -22,10 +22,10 @@ import pytest
 
 from capfilt.synth import write_corpus
 from pipelines.io import ShardReader, StorageError, check_store, list_shards
-from pipelines.lease import Lease, LeaseHeld
-from pipelines.manifest import model_fingerprint
-from pipelines.run import run_capfilt
-from pipelines.worker import ShardProcessor, WorkerSettings
+from pipelines.run.job import run_capfilt
+from pipelines.run.lease import Lease, LeaseHeld
+from pipelines.run.manifest import model_fingerprint
+from pipelines.run.worker import ShardProcessor, WorkerSettings
 from tests.test_run import capfilt_models, check_output, input_keys, tiny_config
 from tests.test_run_faults import REPO, _cmd, _env
 

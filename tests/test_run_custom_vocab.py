@@ -19,7 +19,8 @@ from blip.config import BlipConfig
 from blip.convert import config_to_hf
 from blip.tokenizer import build_tokenizer
 from capfilt.synth import write_corpus
-from pipelines.run import load_config, run_capfilt
+from pipelines.run.config import load_config
+from pipelines.run.job import run_capfilt
 from tests.test_any_vocab import write_odd_vocab
 
 TINY_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "capfilt_tiny.yaml")

@@ -20,8 +20,8 @@ import pytest
 from ray import cloudpickle
 
 from capfilt.synth import write_corpus
-from pipelines.run import run_capfilt
-from pipelines.worker import ShardProcessor
+from pipelines.run.job import run_capfilt
+from pipelines.run.worker import ShardProcessor
 from tests.synth_fixtures import write_truncated_shard
 from tests.test_run import TINY_CONFIG, capfilt_models, check_output, input_keys, tiny_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from pipelines.run import run_capfilt
+from pipelines.run.job import run_capfilt
 from tests.test_run import capfilt_models, check_output, tiny_config
 
 _FIXTURES = (capfilt_models,)  # shared fixture from tests/test_run.py

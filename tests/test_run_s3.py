@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from capfilt.synth import write_corpus
-from pipelines.run import run_capfilt
+from pipelines.run.job import run_capfilt
 from tests.test_run import capfilt_models, tiny_config
 from tests.test_run_faults import REPO, _cmd, _env, _kill_tree
 

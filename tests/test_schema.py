@@ -21,7 +21,7 @@ from blip.tokenizer import build_tokenizer
 from capfilt.schema import COUNT_KEYS, HIST_RANGES, OUT_COLUMNS, OUT_SCHEMA, RESULT_COLUMNS, SampleResult
 from capfilt.synth import write_corpus
 from pipelines.io import list_shards, read_states
-from pipelines.worker import ShardProcessor, WorkerSettings
+from pipelines.run.worker import ShardProcessor, WorkerSettings
 from tests.synth_fixtures import make_bad_corpus
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,7 +97,7 @@ def test_stage_result_is_the_sample_result(models):
 
 
 def test_report_reads_the_schema_and_recounts_the_state_records(output, monkeypatch):
-    import pipelines.report as report
+    import pipelines.report.gather as report
 
     read = []
     real = report.pq.read_table
@@ -131,7 +131,7 @@ def test_no_other_module_declares_the_output_columns():
     name 6 of them), no module defines its own column list or counting constants, and nothing else bins scores."""
     own = {"OUT_COLUMNS", "OUT_SCHEMA", "RESULT_COLUMNS", "COUNT_KEYS", "SHARD_COUNTS", "HIST_BINS", "HIST_RANGES"}
     found = []
-    for path in sorted([*REPO.glob("blip/*.py"), *REPO.glob("capfilt/*.py"), *REPO.glob("pipelines/*.py")]):
+    for path in sorted([*REPO.glob("blip/*.py"), *REPO.glob("capfilt/*.py"), *REPO.glob("pipelines/**/*.py")]):
         if path.name == "schema.py" and path.parent.name == "capfilt":
             continue
         tree = ast.parse(path.read_text())

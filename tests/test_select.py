@@ -21,8 +21,8 @@ from click.testing import CliRunner
 
 from capfilt.stages import select_texts
 from capfilt.synth import write_corpus
-from pipelines.run import run_capfilt
-from pipelines.select import SelectConfig, run_select
+from pipelines.run.job import run_capfilt
+from pipelines.run.select import SelectConfig, run_select
 from tests.synth_fixtures import make_bad_corpus, write_truncated_shard
 from tests.test_run import capfilt_models, check_output, read_kept_tars, tiny_config
 from tests.test_run_corpus import _rekey
@@ -117,7 +117,7 @@ def test_same_settings_reproduce_the_run(run_out, ray_local, tmp_path):
     manifest = json.loads((Path(new) / "_run.json").read_text())
     assert manifest["selection_of"]["output"] == run_out["out"] and manifest["settings"]["keep"] == "both"
 
-    from pipelines.report import write_report
+    from pipelines.report.page import write_report
 
     html = Path(write_report(new)).read_text()
     assert "summary.json disagrees" not in html and "threshold" in html
@@ -193,7 +193,7 @@ def test_sigkill_mid_select_then_rerun_is_exactly_once(run_out, tmp_path):
 def test_no_model_module_is_imported(run_out, tmp_path):
     """Besides the deleted model folders: a select in a fresh process never imports the model code."""
     code = (
-        "import sys; from pipelines.select import SelectConfig, run_select; "
+        "import sys; from pipelines.run.select import SelectConfig, run_select; "
         f"run_select(SelectConfig(run={run_out['out']!r}, output={str(tmp_path / 'new')!r}, threshold=0.3, "
         "in_process=True, progress=False)); "
         "bad = [m for m in ('blip.model', 'blip.checkpoint', 'blip.convert') if m in sys.modules]; "

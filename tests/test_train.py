@@ -28,7 +28,7 @@ TINY = str(ROOT / "configs" / "pretrain_tiny.yaml")
 
 
 def test_learning_rate_schedules():
-    from pipelines.train import TrainSettings, learning_rate
+    from pipelines.train.job import TrainSettings, learning_rate
 
     s = TrainSettings(init_lr=3e-4, warmup_lr=1e-6, min_lr=1e-6, warmup_steps=100, lr_decay_rate=0.9, epochs=20)
     assert learning_rate(s, 0, 0) == pytest.approx(1e-6)
@@ -41,7 +41,7 @@ def test_learning_rate_schedules():
 
 
 def test_settings_reject_typos_and_bad_values(tmp_path):
-    from pipelines.train import TrainSettings
+    from pipelines.train.job import TrainSettings
 
     with pytest.raises(ValueError, match="unknown setting"):
         TrainSettings.from_yaml(TINY, batchsize=3)
@@ -52,7 +52,7 @@ def test_settings_reject_typos_and_bad_values(tmp_path):
 
 
 def test_samples_bad_data_counted_and_texts_from_both_layouts(tmp_path):
-    from pipelines.data import iter_samples, list_tars
+    from pipelines.train.data import iter_samples, list_tars
 
     write_tars(tmp_path / "plain", 10, per_tar=5, corrupt=2, empty=1)
     write_tars(tmp_path / "kept", 6, per_tar=6, kept_layout=True)
@@ -70,7 +70,7 @@ def test_samples_bad_data_counted_and_texts_from_both_layouts(tmp_path):
 
 
 def test_train_augmentations_shapes_and_randomness():
-    from pipelines.data import AugmentConfig, random_resized_crop, train_transform
+    from pipelines.train.data import AugmentConfig, random_resized_crop, train_transform
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 90, 3), dtype=np.uint8))
     cfg = AugmentConfig(image_size=32, min_scale=0.5)
@@ -85,7 +85,7 @@ def test_train_augmentations_shapes_and_randomness():
 def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
     """Data order and every random draw are a function of (seed, epoch, rank, world): same in, same rows out."""
     from blip.tokenizer import build_tokenizer
-    from pipelines.data import (
+    from pipelines.train.data import (
         AugmentConfig,
         TextConfig,
         _tar_to_rows,
@@ -131,7 +131,7 @@ def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
 def test_collapse_probe_on_collapsed_and_separated_features():
     import torch
 
-    from pipelines.train import PROBE_KEYS, collapse_probe
+    from pipelines.train.job import PROBE_KEYS, collapse_probe
 
     class Toy(torch.nn.Module):  # the probe's view of a model: ITC features and a temperature
         def __init__(self, img, txt):
@@ -164,7 +164,7 @@ def test_local_ray_drops_only_the_state_api_warning(caplog):
     """The worker hook silences the placement-group cleaner's State API warning, not the cleaner's other lines."""
     import logging
 
-    from pipelines.local_ray import _PG_CLEANER_LOGGER, quiet_worker_logs
+    from pipelines.train.local_ray import _PG_CLEANER_LOGGER, quiet_worker_logs
 
     log = logging.getLogger(_PG_CLEANER_LOGGER)
     quiet_worker_logs()
@@ -224,7 +224,7 @@ LEARN = {"alpha": 0.0, "init_lr": 5e-4, "warmup_steps": 3}
 
 @pytest.fixture(scope="module")
 def pretrained(corpus, tiny_vocab_dir, tmp_path_factory):
-    from pipelines.train import TrainSettings, train
+    from pipelines.train.job import TrainSettings, train
 
     out = tmp_path_factory.mktemp("pretrain1")
     s = TrainSettings.from_yaml(
@@ -261,7 +261,7 @@ def test_finetuned_captioner_and_filter_load_in_capfilt(pretrained, corpus, tmp_
     from blip import load
     from blip.image import preprocess
     from capfilt.stages import CapFiltStage
-    from pipelines.train import TrainSettings, train
+    from pipelines.train.job import TrainSettings, train
 
     init, _ = pretrained
     outs = {}
@@ -312,7 +312,7 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the run and the Ray processes it started (its own session)
         p.wait()
-    from pipelines.train import latest_checkpoint
+    from pipelines.train.job import latest_checkpoint
 
     killed_at = int(latest_checkpoint(out).name.split("_")[1])
     assert 8 <= killed_at < 24 and not (out / "train_summary.json").exists()

@@ -84,7 +84,7 @@ def test_load_vision_weights_from_a_blip_checkpoint_and_refuses_a_misfit(tmp_pat
 def test_pretraining_from_scratch_starts_its_vit_and_momentum_vit_from_init_vision(tmp_path, tiny_vocab_dir):
     from safetensors.torch import save_file
 
-    from pipelines.train import TrainSettings, build_model
+    from pipelines.train.job import TrainSettings, build_model
 
     src = _vit()
     (tmp_path / "warm").mkdir()
@@ -111,7 +111,7 @@ def test_warmup_vision_trains_seeded_and_its_vit_loads(tmp_path, ray_local):
 
     from safetensors.torch import load_file
 
-    from pipelines.warmup import WarmupSettings, warmup_vision
+    from pipelines.train.warmup import WarmupSettings, warmup_vision
 
     def run(name: str, **kw: int) -> dict:
         s = WarmupSettings.from_yaml("warmup_vision_tiny.yaml", output=str(tmp_path / name), test_samples=128, cpus=1,

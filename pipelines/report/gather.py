@@ -1,6 +1,6 @@
 """`capfilt report`: one self-contained HTML page for a `capfilt run` output folder.
 
-What it reads (the layout written by pipelines/run.py through pipelines/io.py):
+What it reads (the layout written by pipelines/run/job.py through pipelines/io.py):
   OUT/summary.json             job counts, per-shard stats, run settings (threshold, input)
   OUT/parquet/{shard}.parquet  one row per input sample (key, shard, scores, decisions, status, ...)
   OUT/_state/{shard}.json      per-shard stats (state "done" | "failed"), used when summary.json is absent
@@ -13,7 +13,7 @@ scanned one at a time, histograms accumulate into fixed bins, and only the `max_
 image bytes are read only for those cards, one shard at a time.
 
 This module gathers (scan the parquet rows, pick the cards, fetch their thumbnails, reconcile with summary.json);
-pipelines/report_html.py renders.
+pipelines/report/render.py renders.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from capfilt.schema import COUNT_KEYS, HIST_BINS, HIST_RANGES, OUT_COLUMNS, count_rows, score_histograms
-from pipelines.io import fs_and_path
 
 THUMB_PX = 128  # longest side of a contact-sheet thumbnail
 THUMB_QUALITY = 80
@@ -82,7 +81,7 @@ class Scan:
     cards: list[dict[str, Any]]  # selected rows, in display order
 
 
-def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
     if not fs.isfile(path):
         return None
     with fs.open(path, "rb") as f:
@@ -288,50 +287,3 @@ def merge_summary(scan: Scan, summary: dict[str, Any] | None) -> tuple[dict[str,
         warns.append("summary.json disagrees with the parquet rows (summary vs rows): " + ", ".join(diff[:20]))
     counts.update(stated)
     return counts, warns
-
-
-def write_report(
-    output_dir: str,
-    out: str | None = None,
-    max_samples: int = 200,
-    input: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    threshold: float | None = None,
-) -> str:
-    """Build the HTML report of a `capfilt run` output folder; returns the path written (default OUT/report.html)."""
-    if max_samples < 0:
-        raise ValueError(f"max_samples must be >= 0, got {max_samples}")
-    fs, root = fs_and_path(output_dir, storage_options)
-    if not fs.isdir(root):
-        raise FileNotFoundError(f"output folder {output_dir!r} does not exist")
-    summary = _read_json(fs, posixpath.join(root, "summary.json"))
-    # summary.json is pipelines/summary.py's: its settings hold the run's threshold, its `input` the run's input
-    if threshold is None:
-        threshold = summary["settings"]["threshold"] if summary else DEFAULT_THRESHOLD
-    threshold = float(threshold)
-    if input is None and summary:
-        input = summary["input"]
-    from pipelines.io import read_states
-
-    scan = scan_output(fs, root, threshold, max_samples, read_states(fs, root))
-    counts, warns = merge_summary(scan, summary)
-    attach_thumbnails(scan.cards, fs, root, input, storage_options)
-    from pipelines.report_html import render_html
-
-    page = render_html(
-        title=output_dir,
-        counts=counts,
-        threshold=threshold,
-        scan=scan,
-        summary=summary,
-        warnings_=warns,
-        max_samples=max_samples,
-    )
-    out = out or posixpath.join(output_dir.rstrip("/"), "report.html")
-    ofs, opath = fs_and_path(out, storage_options)
-    parent = posixpath.dirname(opath)
-    if parent and not ofs.isdir(parent):
-        ofs.makedirs(parent, exist_ok=True)
-    with ofs.open(opath, "wb") as f:
-        f.write(page.encode("utf-8"))
-    return out

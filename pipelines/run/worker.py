@@ -7,8 +7,9 @@
         -> ShardWriter (kept samples streamed into the tar, rows held for the parquet) -> state file last
 
 No Ray here: `ShardProcessor` is a plain class (`setup()`, `__call__(shard) -> record`), run inside a Ray actor by
-pipelines/run.py and tested without Ray. Several calls may run at once on one processor (run.py's
-`shards_per_actor`, two on a GPU; the actor's `max_concurrency` is that + 1 for its `ready()`): the next shard's read and decode then hide behind the current shard's model work, and the
+pipelines/run/scheduler.py and tested without Ray. Several calls may run at once on one processor
+(`shards_per_actor`, two on a GPU; the actor's `max_concurrency` is that + 1 for its `ready()`): the next shard's
+read and decode then hide behind the current shard's model work, and the
 lock keeps the device busy with one batch at a time; only one shard is read at a time (the next one starts when the
 current one is read, its last batches still queued), so the overlap costs no contention. What goes back to the caller is one small record per shard
 (its counts and score histograms), never a sample.

@@ -1,6 +1,6 @@
 """The HTML of `capfilt report`: charts (matplotlib, as base64 PNGs), sample cards, the shard table, the page.
 
-Pure rendering from what pipelines/report.py gathered (a `Scan`, summary.json, the counts); no I/O here.
+Pure rendering from what pipelines/report/gather.py gathered (a `Scan`, summary.json, the counts); no I/O here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.report import COUNT_LABELS, COUNT_NAMES, MAX_SHARD_ROWS, Scan, ShardRow
+from pipelines.report.gather import COUNT_LABELS, COUNT_NAMES, MAX_SHARD_ROWS, Scan, ShardRow
 
 # ------------------------------------------------------------------------------------------------ charts
 
@@ -36,7 +36,7 @@ def histogram_charts(hists: dict[str, np.ndarray], threshold: float) -> list[tup
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipelines.summary import draw_scores
+    from pipelines.run.summary import draw_scores
 
     charts = []
     panels = [

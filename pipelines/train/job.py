@@ -505,7 +505,7 @@ def _setup_worker(config: dict[str, Any]) -> _Worker:
 
 def _epoch_batches(w: _Worker, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
     """This rank's batches of `epoch`: the same for the same (seed, epoch, rank, world), run after run."""
-    from pipelines.data import build_train_dataset, shuffle_seed
+    from pipelines.train.data import build_train_dataset, shuffle_seed
 
     s, c = w.s, w.config
     ds = build_train_dataset(
@@ -663,7 +663,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _init_ray(s: TrainSettings) -> None:
-    from pipelines.local_ray import init_ray
+    from pipelines.train.local_ray import init_ray
 
     # local: the train workers hold CPUs for their whole life; leave at least one for the Ray Data read tasks
     init_ray(s.address, int(math.ceil(s.workers * s.cpus_per_worker)) + 1)
@@ -718,8 +718,8 @@ def train(s: TrainSettings) -> dict[str, Any]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.data import AugmentConfig, SkipCounter, count_tar_samples, list_tars
-    from pipelines.data import TextConfig as DataTextConfig
+    from pipelines.train.data import AugmentConfig, SkipCounter, count_tar_samples, list_tars
+    from pipelines.train.data import TextConfig as DataTextConfig
 
     s.resolve_paths()
     s.validate()
@@ -766,7 +766,7 @@ def train(s: TrainSettings) -> dict[str, Any]:
         "train_state_ref": ray.put(train_state) if train_state is not None else None,
         "rng_states": rng_states,
         "steps_per_epoch": steps_per_epoch,
-        # each rank streams its own epochs (pipelines.data.build_train_dataset): order and draws seeded per
+        # each rank streams its own epochs (pipelines.train.data.build_train_dataset): order and draws seeded per
         # (seed, epoch, rank), so a rerun or a resume sees the same batches
         "tars": tars,
         "augment": aug,

@@ -45,7 +45,7 @@ def read_eval_set(
 ) -> dict[str, Any]:
     """keys, (N, S, S, 3) uint8 images (eval transform), texts per image, each sample's json, and skipped-sample
     counts. `require_text=False` keeps images without texts (captioning against a ground-truth file)."""
-    from pipelines.data import eval_transform, iter_samples, list_tars
+    from pipelines.train.data import eval_transform, iter_samples, list_tars
 
     keys, images, texts, metas, truth = [], [], [], [], {}
     skipped: dict[str, int] = {}
@@ -224,8 +224,8 @@ def evaluate(
         raise ValueError("--ground-truth is for captioning (a COCO-format caption file); retrieval uses the texts")
     if set(scorers) - set(COCO_SCORERS):  # before any caption is generated
         raise ValueError(f"unknown --scorers {sorted(set(scorers) - set(COCO_SCORERS))}; choose from {COCO_SCORERS}")
-    from pipelines.data import list_tars
     from pipelines.settings import resolve_path, resolve_paths
+    from pipelines.train.data import list_tars
 
     model_path, data, output = resolve_path(model_path, hub=True), resolve_paths(data), resolve_path(output)
     list_tars(data)  # fail fast on a --data path without tars

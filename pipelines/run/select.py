@@ -43,10 +43,10 @@ from pipelines.io import (
     read_states,
     write_failed_state,
 )
-from pipelines.lease import Lease
-from pipelines.manifest import differences, open_output, output_shards, read_manifest
+from pipelines.run.lease import Lease
+from pipelines.run.manifest import differences, open_output, output_shards, read_manifest
+from pipelines.run.summary import SummaryBuilder, format_summary, write_summary
 from pipelines.settings import resolve_path
-from pipelines.summary import SummaryBuilder, format_summary, write_summary
 
 
 @dataclass
@@ -250,8 +250,8 @@ def selection_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]
 
 def run_select(cfg: SelectConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Select (or resume selecting) RUN into NEW. Returns the summary; `summary["failed_shards"]` non-empty means
-    exit non-zero. Never loads a model. Raises pipelines.run.JobInterrupted on SIGINT/SIGTERM."""
-    from pipelines.run import JobInterrupted, _interrupts
+    exit non-zero. Never loads a model. Raises pipelines.run.job.JobInterrupted on SIGINT/SIGTERM."""
+    from pipelines.run.job import JobInterrupted, interrupts
 
     echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
     cfg.validate()
@@ -309,7 +309,7 @@ def run_select(cfg: SelectConfig, echo: Callable[[str], None] | None = None) -> 
         driver["in_process"], cpu0 = cfg.in_process, time.process_time()
         records = _execute(cfg, todo, driver)
         try:
-            with _interrupts():
+            with interrupts():
                 for rec in records:
                     builder.add(rec["shard"], shards[rec["shard"]].path if rec["shard"] in shards else None, rec)
                     n_rows += int(rec.get("in", 0))

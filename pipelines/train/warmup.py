@@ -215,7 +215,7 @@ def warmup_vision(s: WarmupSettings) -> dict[str, Any]:
     """Train the ViT in one Ray task; writes `output/vision.safetensors`, `log.jsonl`, `warmup_summary.json`."""
     import ray
 
-    from pipelines.local_ray import init_ray
+    from pipelines.train.local_ray import init_ray
 
     s.resolve_paths()
     s.validate()

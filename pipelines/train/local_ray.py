@@ -45,5 +45,5 @@ def init_ray(address: str | None, min_cpus: int) -> None:
         address="local",
         num_cpus=max(os.cpu_count() or 1, min_cpus),
         include_dashboard=False,
-        runtime_env={"worker_process_setup_hook": "pipelines.local_ray.quiet_worker_logs", "env_vars": env_vars},
+        runtime_env={"worker_process_setup_hook": "pipelines.train.local_ray.quiet_worker_logs", "env_vars": env_vars},
     )

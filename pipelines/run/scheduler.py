@@ -1,148 +1,20 @@
-"""`capfilt run`: CapFilt over img2dataset shards on Ray; workers write their shards, the driver only schedules.
-
-    driver: list shards, check both models, skip done shards  --(one shard descriptor per call)-->
-    a fixed pool of CapFilt actors (one per GPU, or CPU actors), each: read + decode threads -> model batches ->
-        parquet + tar of the shard -> `_state/{shard}.json` last (the commit point)  --(one small record)--> driver
-
-The unit of work is one input shard (as img2dataset's distributor): the driver hands shard descriptors to the
-actors, at most `shards_per_actor` in flight each (two on a GPU: the next shard's read and decode hide behind the
-current one's model work), and gets back one record per shard (counts + score histograms, a few kB). No sample ever passes
-through the driver or the object store, so the driver costs the same per shard whatever the shard size and however
-many GPUs there are.
-
-Faults: an actor that dies (crash, OOM kill, its node lost) is replaced and each shard it held goes back to the
-queue for any actor; a shard whose processing raises is retried too; after `retries` more attempts it is reported
-failed. Output names are per input shard and deterministic, captions are seeded per sample key, so a retried shard
-rewrites identical bytes; a shard is done iff its state file says so, and a rerun skips done shards.
-"""
+"""`capfilt run`'s scheduler: the CapFilt actor pool (fixed or elastic, with the autoscaler's requests), shards
+handed out one call at a time, dead actors replaced, failed shards retried, draining nodes avoided, progress and
+Ray metrics. See job.py for the whole job and its fault model."""
 
 from __future__ import annotations
 
 import pickle
-import posixpath
-import signal
 import sys
-import threading
 import time
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
-from capfilt.decode import DEFAULT_MAX_PIXELS
-from capfilt.stages import CapFiltSettings
-from pipelines.io import Shard, check_store, clean_tmp, iter_states, list_shards, write_failed_state
-from pipelines.lease import Lease, LeaseHeld
-from pipelines.manifest import build_manifest, open_output, output_shards, read_manifest, remove_shard_outputs
-from pipelines.settings import CONFIG_DIR, load_settings, resolve_path
-from pipelines.summary import SummaryBuilder, format_summary, write_summary
-from pipelines.worker import ShardProcessor, WorkerSettings
-
-DEFAULT_CONFIG = CONFIG_DIR / "capfilt.yaml"
-
-# ------------------------------------------------------------------------------------------------ configuration
-
-
-@dataclass
-class RunConfig(CapFiltSettings):
-    """`capfilt run` settings: what CapFilt computes (CapFiltSettings, inherited) + where and how the job runs."""
-
-    input: str = ""
-    output: str = ""
-    # "N": a fixed pool; "MIN:MAX": elastic (actors follow the queue and what the cluster has and can get);
-    # auto/None: on a cluster (`address`) elastic 1..max_actors, one actor per shard not yet done; with Ray started
-    # here, fixed: one per GPU, or one CPU actor
-    actors: str | None = None
-    max_actors: int | None = None  # bounds `auto` on a cluster
-    actor_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor (node type)
-    actor_cpus: float = 1.0  # CPU actors: CPUs reserved per actor (also its torch threads)
-    decode_threads: int | None = None  # per actor; None: 4 on a GPU actor (which reserves them as CPUs), 1 on CPU
-    # shard calls in flight per actor; None: 2 on a GPU actor (the next shard's read and the last one's commit overlap
-    # the model), 1 on a CPU actor (there the overlap competes with the model for the cores: measured slower)
-    shards_per_actor: int | None = None
-    prefetch_batches: int = 3  # decoded batches queued ahead of the model, per shard call
-    retries: int = 3  # a shard whose actor died or whose processing raised is retried this many times
-    max_pixels: int = DEFAULT_MAX_PIXELS  # decompression-bomb cap (PIL's default)
-    address: str | None = None  # Ray cluster address ("auto"); None: start Ray in this process
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options for input and output (s3 endpoint)
-    progress: bool = True  # a progress bar (shards, samples/s) and a line per failed shard
-    overwrite: bool = False  # the output was made by other models/settings/input: remove it and start over
-    prune: bool = False  # remove the outputs of shards that are no longer in the input
-    lease_timeout: float = 120.0  # s without a heartbeat after which another job's lease on the output is stale
-
-    def resolve_paths(self) -> None:
-        """Local input/output/model folders -> absolute: the actors' working directory is not ours."""
-        self.input, self.output = resolve_path(self.input), resolve_path(self.output)
-        self.captioner, self.filter = resolve_path(self.captioner, hub=True), resolve_path(self.filter, hub=True)
-
-    def validate(self) -> None:
-        super().validate()
-        checks = [
-            (self.max_actors is None or self.max_actors >= 1, f"max_actors must be >= 1, got {self.max_actors}"),
-            (
-                isinstance(self.actor_resources, dict)
-                and all(isinstance(v, int | float) and v >= 0 for v in self.actor_resources.values()),
-                f"actor_resources must map Ray resource names to amounts >= 0, got {self.actor_resources!r}",
-            ),
-            (self.actor_cpus > 0, f"actor_cpus must be > 0, got {self.actor_cpus}"),
-            (self.decode_threads is None or self.decode_threads >= 1, "decode_threads must be >= 1"),
-            (
-                self.shards_per_actor is None or self.shards_per_actor >= 1,
-                f"shards_per_actor must be >= 1, got {self.shards_per_actor}",
-            ),
-            (self.prefetch_batches >= 1, f"prefetch_batches must be >= 1, got {self.prefetch_batches}"),
-            (self.retries >= 0, f"retries must be >= 0, got {self.retries}"),
-            (self.max_pixels > 0, f"max_pixels must be > 0, got {self.max_pixels}"),
-            (self.lease_timeout > 0, f"lease_timeout must be > 0, got {self.lease_timeout}"),
-            (isinstance(self.storage_options, dict), "storage_options must be a mapping"),
-            (bool(self.input), "no --input given"),
-            (bool(self.output), "no --output given"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        actor_range(self.actors, self.max_actors)  # raises on a bad range
-
-
-def actor_range(actors: str | int | None, max_actors: int | None = None) -> tuple[int, int] | None:
-    """`actors` -> (min, max) of the pool; None for `auto` (decided by where Ray runs, see `pool_shape`)."""
-    if actors is None or str(actors).strip().lower() == "auto":
-        return None
-    text = str(actors).strip()
-    lo, sep, hi = text.partition(":")
-    try:
-        a, b = int(lo), int(hi) if sep else int(lo)
-    except ValueError:
-        raise ValueError(f"actors must be N, MIN:MAX or auto, got {actors!r}") from None
-    if not 1 <= a <= b:
-        raise ValueError(f"actors must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {actors!r}")
-    return a, b
-
-
-def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """YAML preset (default configs/capfilt.yaml) + overrides (CLI flags; None means "not given") -> RunConfig.
-
-    Local paths (input, output, model folders) become absolute here: the actors' working directory is not ours."""
-    return load_settings(RunConfig, path if path is not None else DEFAULT_CONFIG, overrides)
-
-
-def model_config(spec: str, role: str) -> Any:
-    """Read a checkpoint's BlipConfig (special ids from its tokenizer) and check the family, before Ray starts."""
-    import blip
-
-    try:
-        cfg = blip.read_config(spec)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"{role} {spec!r}: {e}") from None
-    allowed = {"captioner": ("caption", "pretrain"), "filter": ("retrieval", "pretrain")}[role]
-    if cfg.family not in allowed:
-        raise ValueError(f"{role} {spec!r} is a {cfg.family!r} checkpoint; a {role} must be one of {allowed}")
-    return cfg
-
+from pipelines.io import Shard, write_failed_state
+from pipelines.run.config import RunConfig, actor_range
+from pipelines.run.lease import LeaseHeld
+from pipelines.run.worker import WorkerSettings
 
 # ------------------------------------------------------------------------------------------------ the Ray actor
 
@@ -181,165 +53,7 @@ class _Actor:
     draining: float | None = None  # its node is being drained: the deadline (unix s; 0: none), no new shards
 
 
-# ------------------------------------------------------------------------------------------------ the job
-
-
-class JobInterrupted(Exception):
-    """SIGINT / SIGTERM during a run: the actors are stopped and the lease released; the CLI exits 130."""
-
-
-def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardProcessor) -> dict[str, Any]:
-    """Run (or resume) the job. Returns the summary dict; `summary["failed_shards"]` non-empty means exit non-zero.
-
-    Everything that can be checked without Ray is checked first: both stores, input shards, both models (with their
-    tokenizers), the output's lease and manifest. `processor_cls` is the per-actor worker (a ShardProcessor subclass
-    in fault tests). Raises JobInterrupted on SIGINT/SIGTERM (after stopping the actors and releasing the lease).
-    """
-    echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cfg.resolve_paths()  # also for a RunConfig built in code: the actors do not share our working directory
-    cfg.validate()
-    so = cfg.storage_options
-    check_store(cfg.input, so, "input")
-    check_store(cfg.output, so, "output")
-    shards = list_shards(cfg.input, so)
-    cap_cfg = model_config(cfg.captioner, "captioner")
-    filt_cfg = model_config(cfg.filter, "filter")
-    image_size = max(cap_cfg.vision.image_size, filt_cfg.vision.image_size)
-    out_fs, root = fsspec.core.url_to_fs(cfg.output, **so)
-    root = root.rstrip("/")
-    lease = Lease(out_fs, root, timeout=cfg.lease_timeout).acquire()
-    try:
-        if lease.took_over:
-            echo(f"  took over the output's stale lease ({lease.describe(lease.took_over)})")
-        return _run_locked(cfg, shards, image_size, out_fs, root, lease, echo, processor_cls)
-    finally:
-        lease.release()
-
-
-def _run_locked(
-    cfg: RunConfig,
-    shards: list[Shard],
-    image_size: int,
-    out_fs: Any,
-    root: str,
-    lease: Lease,
-    echo: Any,
-    processor_cls: type,
-) -> dict[str, Any]:
-    import ray
-
-    manifest = build_manifest(cfg, read_manifest(out_fs, root))
-    open_output(out_fs, root, cfg.output, manifest, overwrite=cfg.overwrite, echo=echo)
-    for sub in ("parquet", "tars", "_state"):
-        out_fs.makedirs(posixpath.join(root, sub), exist_ok=True)
-    clean_tmp(out_fs, root, before=lease.started)  # before any worker writes: only what a dead job left
-    # the summary is built as records come (histograms merged, records dropped): driver memory ~ shards, not samples
-    builder, by_name = SummaryBuilder(), {s.name: s for s in shards}
-    orphans = sorted(output_shards(out_fs, root) - set(by_name))
-    if orphans and cfg.prune:
-        for name in orphans:
-            remove_shard_outputs(out_fs, root, name)
-        echo(f"  --prune: removed the outputs of {len(orphans)} shard(s) no longer in the input: {_names(orphans)}")
-        orphans = []
-    changed = []
-    for st in iter_states(out_fs, root):
-        name = st["shard"]
-        if name in by_name and st.get("state") == "done":
-            if st.get("input") == by_name[name].fingerprint:
-                builder.add(name, by_name[name].path, st)
-            else:  # the input file was replaced since this shard was done: recompute it
-                changed.append(name)
-        elif name in orphans:
-            builder.add(name, None, st, orphan=True)
-    for name in orphans:
-        if name not in builder.names:  # outputs without a state record (a shard that never committed)
-            builder.add(name, None, {"state": "failed", "error": "no state record"}, orphan=True)
-    todo = [s for s in shards if s.name not in builder.names]
-    skipped = len(shards) - len(todo)
-    note = f"; {len(changed)} changed since done, recomputed: {_names(changed)}" if changed else ""
-    echo(f"capfilt run: {len(shards)} shards ({skipped} already done, {len(todo)} to do{note}) -> {cfg.output}")
-    if orphans:
-        echo(
-            f"  warning: {len(orphans)} shard(s) in the output are no longer in the input: {_names(orphans)}; their "
-            "rows stay in the output and the summary (rerun with --prune to remove them)"
-        )
-
-    t0, n_rows, interrupted = time.time(), 0, False
-    driver: dict[str, Any] = {"records": 0, "record_bytes": 0, "heartbeats": 0, "cpu_seconds": 0.0}
-    driver.update(retries=0, workers_lost=0)
-    if todo:
-        started_ray, sched = False, None
-        try:
-            with _interrupts():
-                if not ray.is_initialized():
-                    ray.init(address=cfg.address, log_to_driver=cfg.progress, include_dashboard=False)
-                    started_ray = True
-                sched = _schedule(cfg, todo, image_size, out_fs, root, echo, processor_cls, driver, lambda: lease.lost)
-                for rec in sched:
-                    builder.add(rec["shard"], by_name[rec["shard"]].path, rec, this_run=True)
-                    n_rows += int(rec.get("in", 0))
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            if sched is not None:
-                sched.close()  # its own finally stops the actors
-            if started_ray:
-                ray.shutdown()
-    elapsed = time.time() - t0
-    for s in todo:
-        if s.name not in builder.names:  # only when the job stopped early
-            builder.add(s.name, s.path, None)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "storage_options")}
-    head = {"input": cfg.input, "output": cfg.output, "captioner": cfg.captioner, "filter": cfg.filter}
-    summary = builder.build(
-        {
-            **head,
-            "settings": settings,
-            "shards_skipped": skipped,
-            "shards_changed": changed,
-            "interrupted": interrupted,
-        },
-        {
-            "seconds": round(elapsed, 2),
-            "rows_this_run": n_rows,
-            "rows_per_second": round(n_rows / elapsed, 2) if elapsed > 0 and n_rows else None,
-            "driver": driver,
-        },
-    )
-    write_summary(out_fs, root, summary, cfg.threshold)
-    if interrupted:  # counted on disk: a shard may have committed after the driver stopped listening
-        done = sum(
-            1
-            for st in iter_states(out_fs, root)
-            if st["shard"] in by_name
-            and st.get("state") == "done"
-            and st.get("input") == by_name[st["shard"]].fingerprint
-        )
-        echo(f"interrupted: {done}/{len(shards)} shards done; rerun the same command to resume")
-        raise JobInterrupted(f"{done}/{len(shards)} shards done")
-    echo(format_summary(summary))
-    return summary
-
-
-def _names(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
-
-
-@contextmanager
-def _interrupts() -> Iterator[None]:
-    """SIGTERM (a scheduler's stop, `kill`) ends the job like Ctrl-C: as a KeyboardInterrupt in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
+# ------------------------------------------------------------------------------------------------ the pool
 
 
 MAX_REQUEST = 1024  # bundles asked of the autoscaler at most (beyond any cluster's max_workers, however many shards)
@@ -395,7 +109,7 @@ def pool_shape(cfg: RunConfig, cluster_gpus: int, on_cluster: bool | None = None
     return PoolShape(lo, hi, lo < hi, device, options, bundle, threads, per_actor)
 
 
-def _schedule(
+def schedule(
     cfg: RunConfig,
     todo: list[Shard],
     image_size: int,
