@@ -161,7 +161,7 @@ def warmup_vision(config: str, set_items: tuple[str, ...], **kw: Any) -> None:
     from pipelines.settings import overrides, resolve_preset
     from pipelines.train.warmup import WarmupSettings, warmup_vision
 
-    s = WarmupSettings.from_yaml(resolve_preset(config), **overrides(set_items, **kw))
+    s = WarmupSettings.load(resolve_preset(config), **overrides(set_items, **kw))
     r = warmup_vision(s)
     acc = ", ".join(f"{k} {v:.1%}" for k, v in r["test_accuracy"].items())
     click.echo(f"done: held-out accuracy {acc}; ViT in {r['output']} (pretrain with --set init_vision={r['output']})")
@@ -594,7 +594,7 @@ def run(
     """
     import json
 
-    from pipelines.run.config import load_config
+    from pipelines.run.config import RunSettings
     from pipelines.run.job import JobInterrupted, run_capfilt
 
     if kw.get("actor_resources") is not None:
@@ -602,7 +602,7 @@ def run(
             kw["actor_resources"] = json.loads(kw["actor_resources"])
         except ValueError as e:
             raise CapfiltError(f"--actor-resources is not valid JSON: {e}") from None
-    cfg = load_config(
+    cfg = RunSettings.load(
         config_path,
         input=input_,
         output=output,
@@ -667,9 +667,9 @@ def select(
     0 all shards done, 2 some failed, 1 bad setup (NEW holds another selection: --overwrite), 130 interrupted.
     """
     from pipelines.run.job import JobInterrupted
-    from pipelines.run.select import SelectConfig, run_select
+    from pipelines.run.select import SelectSettings, run_select
 
-    cfg = SelectConfig(
+    cfg = SelectSettings(
         run=run_dir,
         output=output,
         input=input_,

@@ -81,13 +81,13 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
 _JOBS = """
 import json, sys, time
 import ray
-from pipelines.run.config import load_config
+from pipelines.run.config import RunSettings
 from pipelines.run.job import run_capfilt
 config, overrides, jobs = json.loads(sys.argv[1])
 ray.init(include_dashboard=False, log_to_driver=False)
 out = []
 for corpus, folder in jobs:
-    cfg = load_config(config, input=corpus, output=folder, progress=False, **overrides)
+    cfg = RunSettings.load(config, input=corpus, output=folder, progress=False, **overrides)
     cpu, t = time.process_time(), time.perf_counter()
     s = run_capfilt(cfg, echo=lambda m: None)
     out.append({"wall": time.perf_counter() - t, "cpu": time.process_time() - cpu, "in": s["counts"]["in"],
@@ -126,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from capfilt.synth import write_corpus
-    from pipelines.run.config import load_config
+    from pipelines.run.config import RunSettings
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_run_"))
     cap, filt = args.captioner, args.filter
@@ -141,7 +141,7 @@ def main() -> None:
     big, small = str(work / "corpus"), str(work / "corpus_small")
     write_corpus(big, per_shard * args.shards, image_size=args.image_size, samples_per_shard=per_shard)
     write_corpus(small, small_per_shard * args.shards, image_size=args.image_size, samples_per_shard=small_per_shard)
-    cfg = load_config(
+    cfg = RunSettings.load(
         args.config, input=big, output=str(work / "out"), captioner=cap, filter=filt, batch_size=args.batch_size,
         num_captions=args.num_captions, device=args.device, progress=False,
     )  # fmt: skip

@@ -6,7 +6,7 @@ and take the special ids from it -> resize position embeddings -> strict load ->
 The public surface (also exported as `blip.<name>`): `resolve`, `read_config`, `load`, `save_pretrained`,
 `convert_checkpoint`, `CheckpointError`. Everything that loads a checkpoint (inference, training, evaluation) goes
 through `load`; `read_config` is the cheap check before any work (the config and the tokenizer, no weights where the
-format allows).
+format allows); `transfer_weights` starts a model of one family from another's weights (training).
 
 Formats: an original Salesforce `.pth` (`{"model": sd}` or a bare state dict), a transformers folder
 (BlipForConditionalGeneration / BlipForImageTextRetrieval / BlipForQuestionAnswering; safetensors or .bin, sharded
@@ -207,6 +207,29 @@ def load_state_dict_checked(
         )
     # an aliased storage is written through whichever of its names the checkpoint has
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+
+
+def transfer_weights(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, list[str]]:
+    """Copy every key of `sd` that `model` has (shape-checked; ViT position embeddings resized); report the rest.
+
+    This is how training starts a model of one family from another's checkpoint (a pretrain checkpoint becomes a
+    captioner or a filter: its state dict holds both families' keys); the caller decides which missing keys matter.
+    """
+    own = model.state_dict()
+    take: dict[str, Tensor] = {}
+    skipped: list[str] = []
+    for k, v in sd.items():
+        if k not in own:
+            continue
+        if k.endswith("pos_embed") and v.shape != own[k].shape and v.shape[-1] == own[k].shape[-1]:
+            v = interpolate_pos_embed(v, own[k].shape[1] - 1)
+        if v.shape != own[k].shape:
+            skipped.append(k)
+            continue
+        take[k] = v
+    missing = [k for k in own if k not in take]
+    model.load_state_dict(take, strict=False)
+    return {"missing": missing, "shape_mismatch": skipped}
 
 
 # -- the public API ---------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def select_texts(
 
 @dataclass
 class CapFiltSettings:
-    """What CapFilt does to a sample: declared once, embedded by `capfilt run`'s RunConfig (pipelines/run/config.py)."""
+    """What CapFilt does to a sample: declared once, embedded by `capfilt run`'s RunSettings (pipelines/run/config.py)."""
 
     captioner: str = "Salesforce/blip-image-captioning-large"  # checkpoint path or hub id (blip.load)
     filter: str = "Salesforce/blip-itm-large-coco"
@@ -136,7 +136,7 @@ class CapFiltSettings:
                 raise ValueError(msg)
 
     def stage_settings(self) -> dict[str, Any]:
-        """Just the CapFiltSettings fields (of a subclass such as RunConfig), as CapFiltStage keyword arguments."""
+        """Just the CapFiltSettings fields (of a subclass such as RunSettings), as CapFiltStage keyword arguments."""
         return {f.name: getattr(self, f.name) for f in fields(CapFiltSettings)}
 
 

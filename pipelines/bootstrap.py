@@ -29,9 +29,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pipelines.settings import Settings, resolve_path, resolve_paths
+
 
 @dataclass
-class BootstrapConfig:
+class BootstrapSettings(Settings):
     workdir: str = "runs/bootstrap_demo"
     seed: int = 0
     # the synthetic world (used when `web` is not given)
@@ -78,30 +80,21 @@ class BootstrapConfig:
     capfilt: dict[str, Any] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> BootstrapConfig:
-        from pipelines.settings import load_settings
-
-        return load_settings(cls, path, overrides)
-
     def validate(self) -> None:
         if self.vocab not in ("small", "bert"):
             raise ValueError(f"vocab must be 'small' or 'bert', got {self.vocab!r}")
         if self.retrieval_eval not in ("finetuned", "zero_shot"):
             raise ValueError(f"retrieval_eval must be 'finetuned' or 'zero_shot', got {self.retrieval_eval!r}")
 
-    def resolve_paths(self) -> BootstrapConfig:
+    def resolve_paths(self) -> None:
         """Relative paths (relative to the working directory, as on the command line) -> absolute, before any step
         hands them to Ray workers; the per-step override dicts are resolved by the settings loader of each step."""
-        from pipelines.settings import resolve_path, resolve_paths
-
         self.workdir = resolve_path(self.workdir) or self.workdir
         self.init = resolve_path(self.init, hub=True)
         for name in ("web", "clean", "test"):
             setattr(self, name, resolve_paths(getattr(self, name)))
         for name in ("pretrain_config", "caption_config", "retrieval_config", "capfilt_config", "warmup_config"):
             setattr(self, name, _preset(getattr(self, name)))
-        return self
 
 
 def _preset(name: str) -> str:
@@ -112,8 +105,8 @@ def _preset(name: str) -> str:
 
 
 class Bootstrap:
-    def __init__(self, cfg: BootstrapConfig, echo: Callable[[str], None] = print):
-        self.cfg = cfg.resolve_paths()
+    def __init__(self, cfg: BootstrapSettings, echo: Callable[[str], None] = print):
+        self.cfg = cfg
         self.dir = Path(cfg.workdir)
         self.echo = echo
         (self.dir / "_done").mkdir(parents=True, exist_ok=True)
@@ -171,10 +164,11 @@ class Bootstrap:
         """One training step of the loop; `steps`: exactly that many optimizer steps, the epochs following from the
         data's size (the schedule still decays per epoch, as configured)."""
         from pipelines.train.data import count_tar_samples, list_tars
-        from pipelines.train.job import TrainSettings, train
+        from pipelines.train.job import train
+        from pipelines.train.settings import TrainSettings
 
         # the loop's seed seeds every training step too (init, data order, augmentations), unless a step sets its own
-        s = TrainSettings.from_yaml(_preset(preset), **{"seed": self.cfg.seed, **overrides, **kw, "task": task})
+        s = TrainSettings.load(_preset(preset), **{"seed": self.cfg.seed, **overrides, **kw, "task": task})
         if steps:
             per_epoch = max(1, count_tar_samples(list_tars(s.data)) // s.global_batch)
             s.epochs, s.max_steps = -(-steps // per_epoch), steps
@@ -191,10 +185,10 @@ class Bootstrap:
     def run_capfilt(
         self, data: dict[str, Any], captioner: str, filt: str, output: str = "capfilt", **kw: Any
     ) -> dict[str, Any]:
-        from pipelines.run.config import load_config
+        from pipelines.run.config import RunSettings
         from pipelines.run.job import run_capfilt
 
-        rc = load_config(
+        rc = RunSettings.load(
             _preset(self.cfg.capfilt_config),
             **{"seed": self.cfg.seed, **self.cfg.capfilt, **kw, "input": data["web"], "output": self.path(output),
                "captioner": captioner, "filter": filt},
@@ -289,7 +283,7 @@ class Bootstrap:
     def warmup(self) -> dict[str, Any]:
         from pipelines.train.warmup import WarmupSettings, warmup_vision
 
-        s = WarmupSettings.from_yaml(self.cfg.warmup_config, **{"seed": self.cfg.seed, **self.cfg.warmup,
+        s = WarmupSettings.load(self.cfg.warmup_config, **{"seed": self.cfg.seed, **self.cfg.warmup,
                                                                  "output": self.path("warmup_vision")})  # fmt: skip
         return warmup_vision(s)
 
@@ -594,7 +588,7 @@ def bootstrap(
     augmentations all follow the seed) and the mean ± std table, written to `workdir/bootstrap_seeds.json`."""
     from pipelines.settings import overrides
 
-    cfg = BootstrapConfig.from_yaml(_preset(config), **overrides(set_items, workdir=workdir, init=init))
+    cfg = BootstrapSettings.load(_preset(config), **overrides(set_items, workdir=workdir, init=init))
     if not seeds:
         return Bootstrap(cfg).run()
     root, reports = Path(cfg.workdir), {}

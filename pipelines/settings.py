@@ -1,7 +1,9 @@
 """Settings and paths, the same way for every command.
 
-`load_settings`: a settings dataclass from a YAML preset + flag overrides (None = not given), unknown keys refused,
-then the dataclass's own `resolve_paths()` and `validate()`. Paths are made absolute here, at the config/CLI
+`Settings`: the base of every command's settings dataclass (RunSettings, SelectSettings, TrainSettings,
+WarmupSettings, BootstrapSettings). `Cls.load(preset, **overrides)`: a YAML preset + flag overrides (None = not
+given), unknown keys refused, numbers coerced; constructing the dataclass (by load or in code) then runs its
+`resolve_paths()` and `validate()`, once. Paths are made absolute here, at the config/CLI
 boundary, in the process that read them: Ray workers (Ray Train ranks, Ray Data tasks, the CapFilt actors) do not
 run in the user's working directory. URLs (`s3://...`, `gs://...`) and Hugging Face hub ids
 (`Salesforce/blip-itm-base-coco`) are left alone.
@@ -14,7 +16,7 @@ import os
 import types as types_mod
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -22,9 +24,36 @@ from blip.hub import looks_like_hub_id
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")
+S = TypeVar("S", bound="Settings")
 
 
-# suffixes that make a string a checkpoint file, never a hub id (as blip.load decides)
+@dataclasses.dataclass
+class Settings:
+    """A command's settings: the dataclass's fields are its YAML keys and flags. Construction (by `load` or in code)
+    makes paths absolute and validates, once, in the process that built it: a worker gets the object, not its
+    fields again."""
+
+    PRESET: ClassVar[str | None] = (
+        None  # the preset `load()` reads when given none (a name in configs/); None: defaults
+    )
+
+    def __post_init__(self) -> None:
+        self.resolve_paths()
+        self.validate()
+
+    @classmethod
+    def load(cls: type[S], preset: str | os.PathLike[str] | None = None, **overrides: Any) -> S:
+        """The preset YAML (a path or a name in configs/; None: the class's PRESET) + overrides (None values: not
+        given; `MAP.KEY` sets one key of a map setting); unknown keys are an error, so typos do not pass silently."""
+        return load_settings(cls, preset if preset is not None else cls.PRESET, overrides)
+
+    def resolve_paths(self) -> None:
+        """Relative local paths -> absolute (subclasses name their path fields); URLs and hub ids stay."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad setting (subclasses add their checks)."""
+
+
 def is_url(s: str) -> bool:
     return "://" in s
 
@@ -78,8 +107,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: dict[str, Any] | None = None) -> T:
-    """`cls` from a YAML preset (a path or a name in configs/; None: defaults) + overrides; then
-    `obj.resolve_paths()` and `obj.validate()` where the dataclass defines them."""
+    """`cls` from a YAML preset (a path or a name in configs/; None: defaults) + overrides (see Settings.load)."""
     data = read_yaml(path) if path is not None else {}
     for k, v in (overrides or {}).items():
         if v is None:
@@ -99,14 +127,9 @@ def load_settings(cls: type[T], path: str | os.PathLike[str] | None, overrides: 
     hints = typing.get_type_hints(cls)
     data = {k: _coerce(k, v, hints.get(k)) for k, v in data.items()}
     try:
-        obj = cls(**data)
+        return cls(**data)
     except TypeError as e:
         raise ValueError(f"bad configuration: {e}") from None
-    if hasattr(obj, "resolve_paths"):
-        obj.resolve_paths()
-    if hasattr(obj, "validate"):
-        obj.validate()
-    return obj
 
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:

@@ -91,7 +91,8 @@ def test_tokenizer_is_the_authority_for_ids(vocab: Path, tmp_path: Path) -> None
 
 def test_small_bert_free_vocab_from_write_vocab(tmp_path: Path) -> None:
     """write_vocab(pad_to_bert=False): the synthetic world's small vocabulary; a model trained from it is that small."""
-    from pipelines.train.job import TrainSettings, build_model
+    from pipelines.train.models import build_model
+    from pipelines.train.settings import TrainSettings
 
     d = write_vocab(tmp_path / "v", ["hexagon"], pad_to_bert=False)
     tok = build_tokenizer(d)

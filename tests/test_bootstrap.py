@@ -121,9 +121,9 @@ def test_bootstrap_loop_end_to_end_and_rerun(tmp_path: Path) -> None:
     assert f"time: {sum(report['seconds'].values()) / 60:.1f} min (data " in p.stdout
 
     # the same step on web shards without the synthetic world's ground truth (your own data): counts only
-    from pipelines.bootstrap import Bootstrap, BootstrapConfig, format_report
+    from pipelines.bootstrap import Bootstrap, BootstrapSettings, format_report
 
-    own = Bootstrap(BootstrapConfig(workdir=str(work))).filter_quality({"web": str(tmp_path / "no_truth_here")})
+    own = Bootstrap(BootstrapSettings(workdir=str(work))).filter_quality({"web": str(tmp_path / "no_truth_here")})
     assert own["ground_truth"] is False and "drop_recall" not in own and own["web_texts"] == len(ok)
     assert own["samples_kept"] == pytest.approx(ok["kept"].mean()) and f["ground_truth"] is True
     assert "filter: keeps" in format_report({**report, "filter": own})
@@ -209,21 +209,22 @@ def test_bootstrap_init_starts_both_arms_from_the_checkpoint(tmp_path, tiny_voca
     from blip.config import BlipConfig
     from blip.model import BlipPretrain
     from blip.tokenizer import build_tokenizer
-    from pipelines.bootstrap import Bootstrap, BootstrapConfig
-    from pipelines.train.job import TrainSettings, build_model
+    from pipelines.bootstrap import Bootstrap, BootstrapSettings
+    from pipelines.train.models import build_model
+    from pipelines.train.settings import TrainSettings
 
     torch.manual_seed(0)
     ckpt = BlipPretrain(BlipConfig.from_name("tiny", family="pretrain", queue_size=64))
     ckpt.tokenizer = build_tokenizer(tiny_vocab_dir)
     save_pretrained(ckpt, tmp_path / "pretrained")
     monkeypatch.chdir(tmp_path)  # a relative --init, as a user types it
-    cfg = BootstrapConfig.from_yaml(
+    cfg = BootstrapSettings.load(
         str(ROOT / "configs" / "bootstrap_ci.yaml"), workdir=str(tmp_path / "w"), init="pretrained"
     )
     assert cfg.init == str(tmp_path / "pretrained")
     overrides = Bootstrap(cfg).pretrain_overrides(str(tmp_path / "synthetic_vocab"))
     assert "tokenizer" not in overrides and overrides["init"] == cfg.init
-    s = TrainSettings.from_yaml(cfg.pretrain_config, **overrides, data=str(tmp_path), output=str(tmp_path / "o"))
+    s = TrainSettings.load(cfg.pretrain_config, **overrides, data=str(tmp_path), output=str(tmp_path / "o"))
     model, tok = build_model(s, s.init)
     assert len(tok) == len(ckpt.tokenizer)
     for k, v in ckpt.state_dict().items():  # the arm starts from the checkpoint's weights
@@ -232,16 +233,16 @@ def test_bootstrap_init_starts_both_arms_from_the_checkpoint(tmp_path, tiny_voca
 
 def test_bootstrap_set_overrides_one_key_of_a_step(tmp_path):
     """`capfilt bootstrap --set seed=1 --set pretrain.epochs=3`: top-level settings replaced, a step's map merged."""
-    from pipelines.bootstrap import BootstrapConfig
+    from pipelines.bootstrap import BootstrapSettings
     from pipelines.settings import parse_set, read_yaml
 
     demo = read_yaml(ROOT / "configs" / "bootstrap_demo.yaml")
     items = ["seed=1", "noise=0.6", "pretrain.epochs=3", "eval.k-test=4", f"workdir={tmp_path}"]
-    cfg = BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(items))
+    cfg = BootstrapSettings.load(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(items))
     assert (cfg.seed, cfg.noise, cfg.workdir) == (1, 0.6, str(tmp_path))
     assert cfg.pretrain == {**demo["pretrain"], "epochs": 3} and cfg.eval == {**demo["eval"], "k_test": 4}
     with pytest.raises(ValueError, match="'seed' is not a map"):
-        BootstrapConfig.from_yaml(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(["seed.x=1"]))
+        BootstrapSettings.load(str(ROOT / "configs" / "bootstrap_demo.yaml"), **parse_set(["seed.x=1"]))
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_set(["seed"])
     broken = tmp_path / "broken.yaml"

@@ -37,52 +37,52 @@ def test_resolve_path_keeps_urls_and_hub_ids(tmp_path, monkeypatch):
 
 
 def test_train_settings_and_bootstrap_config_resolve_relative_paths(tmp_path, monkeypatch):
-    from pipelines.bootstrap import BootstrapConfig
-    from pipelines.train.job import TrainSettings
+    from pipelines.bootstrap import BootstrapSettings
+    from pipelines.train.settings import TrainSettings
 
     monkeypatch.chdir(tmp_path)
-    s = TrainSettings.from_yaml(
+    s = TrainSettings.load(
         ROOT / "configs" / "pretrain_tiny.yaml", data="d1,s3://b/d2", output="out", init="ck", tokenizer="tok"
     )
     assert (s.data, s.output) == (f"{tmp_path}/d1,s3://b/d2", str(tmp_path / "out"))
     assert (s.init, s.tokenizer) == (str(tmp_path / "ck"), str(tmp_path / "tok"))
-    s = TrainSettings.from_yaml(None, data="d", output="o", init="Salesforce/blip-image-captioning-base")
+    s = TrainSettings.load(None, data="d", output="o", init="Salesforce/blip-image-captioning-base")
     assert s.init == "Salesforce/blip-image-captioning-base"
 
     (tmp_path / "my_pretrain.yaml").write_text("task: pretrain\n")
     (tmp_path / "boot.yaml").write_text("workdir: runs/b\nweb: shards/web\npretrain_config: my_pretrain.yaml\n")
-    c = BootstrapConfig.from_yaml(tmp_path / "boot.yaml")
+    c = BootstrapSettings.load(tmp_path / "boot.yaml")
     assert c.workdir == str(tmp_path / "runs" / "b") and c.web == str(tmp_path / "shards" / "web")
     assert c.pretrain_config == str(tmp_path / "my_pretrain.yaml")  # a file here
     assert c.caption_config == str(ROOT / "configs" / "finetune_caption_tiny.yaml")  # a name in configs/
-    assert BootstrapConfig.from_yaml(tmp_path / "boot.yaml", workdir="w2").workdir == str(tmp_path / "w2")
+    assert BootstrapSettings.load(tmp_path / "boot.yaml", workdir="w2").workdir == str(tmp_path / "w2")
 
 
 @pytest.mark.parametrize("url", ["s3://bucket/x", "gs://b/y"])
 def test_urls_survive_settings(url):
-    from pipelines.train.job import TrainSettings
+    from pipelines.train.settings import TrainSettings
 
-    assert TrainSettings.from_yaml(None, data=url, output="o").data == url
+    assert TrainSettings.load(None, data=url, output="o").data == url
 
 
 def test_number_settings_read_as_numbers(tmp_path):
     """YAML 1.1 reads `5e-4` (no dot) as text: as a setting it must still reach the optimizer as a number, from a
     preset file and from `--set` alike; a value that is no number is refused by name."""
     from pipelines.settings import parse_set
-    from pipelines.train.job import TrainSettings
+    from pipelines.train.settings import TrainSettings
 
     (tmp_path / "p.yaml").write_text("task: pretrain\ninit_lr: 5e-4\nbatch_size: 1e1\n")
-    s = TrainSettings.from_yaml(tmp_path / "p.yaml", data="d", output="o")
+    s = TrainSettings.load(tmp_path / "p.yaml", data="d", output="o")
     assert (s.init_lr, s.batch_size) == (5e-4, 10) and isinstance(s.batch_size, int)
-    s = TrainSettings.from_yaml(None, data="d", output="o", **parse_set(["min_lr=1e-6", "torch_threads=2"]))
+    s = TrainSettings.load(None, data="d", output="o", **parse_set(["min_lr=1e-6", "torch_threads=2"]))
     assert s.min_lr == 1e-6 and isinstance(s.min_lr, float) and s.torch_threads == 2
-    assert TrainSettings.from_yaml(None, data="d", output="o", max_steps=None).max_steps is None
+    assert TrainSettings.load(None, data="d", output="o", max_steps=None).max_steps is None
     for bad, message in [("init_lr=fast", "init_lr: expected a number, got 'fast'"),
                          ("batch_size=2.5", "batch_size: expected an integer, got 2.5"),
                          ("epochs=true", "epochs: expected an integer, got True"),
                          ("init_lr=yes", "init_lr: expected a number, got True")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
-            TrainSettings.from_yaml(None, data="d", output="o", **parse_set([bad]))
+            TrainSettings.load(None, data="d", output="o", **parse_set([bad]))
 
 
 def test_one_hub_id_rule_for_settings_and_checkpoint_loading(tmp_path, monkeypatch):

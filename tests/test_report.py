@@ -62,7 +62,7 @@ def _median_web_itm(input_dir: Path, cap: torch.nn.Module, filt: torch.nn.Module
 def run_output(tiny_vocab_dir, tmp_path_factory) -> dict:
     """A real `capfilt run` (Ray Data, tiny random models) over 2 synthetic shards, 1 hostile shard and 1 cut tar."""
     from blip import save_pretrained
-    from pipelines.run.config import load_config
+    from pipelines.run.config import RunSettings
     from pipelines.run.job import run_capfilt
 
     root = tmp_path_factory.mktemp("report")
@@ -73,7 +73,7 @@ def run_output(tiny_vocab_dir, tmp_path_factory) -> dict:
     write_truncated_shard(str(inp / "00001.tar"), str(inp / "00003.tar"), 0.37)  # cut mid-member: fails
     cap, filt = _tiny("caption", tiny_vocab_dir, 1), _tiny("retrieval", tiny_vocab_dir, 2)
     threshold = _median_web_itm(inp, cap, filt)
-    cfg = load_config(
+    cfg = RunSettings.load(
         Path(__file__).resolve().parent.parent / "configs" / "capfilt_tiny.yaml",
         input=str(inp),
         output=str(root / "out"),

@@ -21,7 +21,7 @@ from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
 from capfilt.synth import write_corpus
 from pipelines.io import ShardReader, ShardWriter, list_shards
-from pipelines.run.config import load_config
+from pipelines.run.config import RunSettings
 from pipelines.run.job import run_capfilt
 from tests.synth_fixtures import make_bad_corpus, write_truncated_shard
 
@@ -55,7 +55,7 @@ def wds_corpus(tmp_path_factory) -> str:
 
 
 def tiny_config(input: str, output: str, models: tuple[str, str], **kw):
-    return load_config(
+    return RunSettings.load(
         TINY_CONFIG, input=input, output=output, captioner=models[0], filter=models[1], progress=False, **kw
     )
 
@@ -242,11 +242,11 @@ def test_config_errors_before_ray(tmp_path, capfilt_models, wds_corpus):
         ({"min_length": 30}, "min_length"),
     ):
         with pytest.raises(ValueError, match=msg):
-            load_config(TINY_CONFIG, **{**ok, **bad})
+            RunSettings.load(TINY_CONFIG, **{**ok, **bad})
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("num_captoins: 3\n")
     with pytest.raises(ValueError, match="unknown setting"):
-        load_config(str(bad_yaml), **ok)
+        RunSettings.load(str(bad_yaml), **ok)
     from cli import main
 
     base = ["run", "--config", TINY_CONFIG, "--output", str(tmp_path / "o")]
@@ -369,27 +369,27 @@ def test_pool_shape_one_actor_per_gpu_with_its_decode_cores(tmp_path, wds_corpus
         p = pool_shape(cfg, gpus, on_cluster)
         return (p.lo, p.hi, p.elastic, p.device, p.options, p.bundle, p.threads, p.per_actor)
 
-    cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"))  # configs/capfilt.yaml: device auto
+    cfg = RunSettings.load(None, input=wds_corpus, output=str(tmp_path / "o"))  # configs/capfilt.yaml: device auto
     assert shape(cfg, 8) == (8, 8, False, "cuda", {"num_gpus": 1, "num_cpus": 4}, {"GPU": 1, "CPU": 4}, 4, 2)
     assert shape(cfg, 0) == (1, 1, False, "cpu", {"num_cpus": 1.0}, {"CPU": 1}, 1, 1)
     assert shape(cfg, 8, on_cluster=True)[:4] == (1, 1024, True, "cuda")  # auto on a cluster: 1..one per shard
     with pytest.raises(ValueError, match="--device auto on a cluster that has no GPU now: pass --device cuda"):
         pool_shape(cfg, 0, on_cluster=True)
-    cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"), device="cuda", max_actors=16)
+    cfg = RunSettings.load(None, input=wds_corpus, output=str(tmp_path / "o"), device="cuda", max_actors=16)
     assert shape(cfg, 0, on_cluster=True)[:4] == (1, 16, True, "cuda")  # waits for GPU nodes, asks for them
-    cfg = load_config(None, input=wds_corpus, output=str(tmp_path / "o"), decode_threads=6)
+    cfg = RunSettings.load(None, input=wds_corpus, output=str(tmp_path / "o"), decode_threads=6)
     assert shape(cfg, 2)[4:7] == ({"num_gpus": 1, "num_cpus": 6}, {"GPU": 1, "CPU": 6}, 6)
-    cfg = load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), device="cpu", actors="3")
+    cfg = RunSettings.load(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), device="cpu", actors="3")
     assert shape(cfg, 8)[:4] == (3, 3, False, "cpu")  # GPUs present, CPU asked for
     kw = {"device": "cpu", "actors": "2:6", "actor_resources": {"accelerator_type:H100": 0.001}}
-    cfg = load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), **kw)
+    cfg = RunSettings.load(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), **kw)
     assert shape(cfg, 0) == (
         2, 6, True, "cpu", {"num_cpus": 1.0, "resources": {"accelerator_type:H100": 0.001}},
         {"CPU": 1.0, "accelerator_type:H100": 0.001}, 1, 1,
     )  # fmt: skip
     for bad in ("0", "3:2", "x", "1:y"):
         with pytest.raises(ValueError, match="actors must be"):
-            load_config(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), actors=bad)
+            RunSettings.load(TINY_CONFIG, input=wds_corpus, output=str(tmp_path / "o"), actors=bad)
 
 
 def test_run_exports_ray_metrics(tmp_path, wds_corpus, ray_local, capfilt_models):

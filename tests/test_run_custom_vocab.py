@@ -19,7 +19,7 @@ from blip.config import BlipConfig
 from blip.convert import config_to_hf
 from blip.tokenizer import build_tokenizer
 from capfilt.synth import write_corpus
-from pipelines.run.config import load_config
+from pipelines.run.config import RunSettings
 from pipelines.run.job import run_capfilt
 from tests.test_any_vocab import write_odd_vocab
 
@@ -60,7 +60,7 @@ def test_run_with_custom_vocab_transformers_folders(ray_local, custom_models, tm
     corpus = tmp_path / "corpus"
     write_corpus(str(corpus), 6, noise=0.3, seed=0, image_size=64, samples_per_shard=3)
     out = tmp_path / "out"
-    cfg = load_config(TINY_CONFIG, input=str(corpus), output=str(out), captioner=cap, filter=filt, progress=False)
+    cfg = RunSettings.load(TINY_CONFIG, input=str(corpus), output=str(out), captioner=cap, filter=filt, progress=False)
     summary = run_capfilt(cfg)
     assert not summary["failed_shards"], summary
     df = pd.read_parquet(out / "parquet")
@@ -83,7 +83,7 @@ def test_run_misfit_tokenizer_is_one_error_before_ray(custom_models, tiny_vocab_
             shutil.copy(Path(tiny_vocab_dir) / f, bad / f)
     corpus = tmp_path / "corpus"
     write_corpus(str(corpus), 3, noise=0.3, seed=0, image_size=64, samples_per_shard=3)
-    cfg = load_config(
+    cfg = RunSettings.load(
         TINY_CONFIG, input=str(corpus), output=str(tmp_path / "out"), captioner=cap, filter=str(bad), progress=False
     )
     with pytest.raises(ValueError, match=r"filter .*does not fit.*30524 tokens") as e:

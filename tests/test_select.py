@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from capfilt.stages import select_texts
 from capfilt.synth import write_corpus
 from pipelines.run.job import run_capfilt
-from pipelines.run.select import SelectConfig, run_select
+from pipelines.run.select import SelectSettings, run_select
 from tests.synth_fixtures import make_bad_corpus, write_truncated_shard
 from tests.test_run import capfilt_models, check_output, read_kept_tars, tiny_config
 from tests.test_run_corpus import _rekey
@@ -74,7 +74,7 @@ def expected_texts(row: pd.Series, t: float, keep: str = "both", max_synthetic: 
 
 
 def _select(run_out: dict, new: str, **kw) -> dict:
-    return run_select(SelectConfig(run=run_out["out"], output=new, progress=False, **kw), echo=lambda m: None)
+    return run_select(SelectSettings(run=run_out["out"], output=new, progress=False, **kw), echo=lambda m: None)
 
 
 def _cli(*args: str) -> list[str]:
@@ -193,8 +193,8 @@ def test_sigkill_mid_select_then_rerun_is_exactly_once(run_out, tmp_path):
 def test_no_model_module_is_imported(run_out, tmp_path):
     """Besides the deleted model folders: a select in a fresh process never imports the model code."""
     code = (
-        "import sys; from pipelines.run.select import SelectConfig, run_select; "
-        f"run_select(SelectConfig(run={run_out['out']!r}, output={str(tmp_path / 'new')!r}, threshold=0.3, "
+        "import sys; from pipelines.run.select import SelectSettings, run_select; "
+        f"run_select(SelectSettings(run={run_out['out']!r}, output={str(tmp_path / 'new')!r}, threshold=0.3, "
         "in_process=True, progress=False)); "
         "bad = [m for m in ('blip.model', 'blip.checkpoint', 'blip.convert') if m in sys.modules]; "
         "assert not bad, bad"

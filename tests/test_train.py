@@ -28,7 +28,7 @@ TINY = str(ROOT / "configs" / "pretrain_tiny.yaml")
 
 
 def test_learning_rate_schedules():
-    from pipelines.train.job import TrainSettings, learning_rate
+    from pipelines.train.settings import TrainSettings, learning_rate
 
     s = TrainSettings(init_lr=3e-4, warmup_lr=1e-6, min_lr=1e-6, warmup_steps=100, lr_decay_rate=0.9, epochs=20)
     assert learning_rate(s, 0, 0) == pytest.approx(1e-6)
@@ -41,14 +41,14 @@ def test_learning_rate_schedules():
 
 
 def test_settings_reject_typos_and_bad_values(tmp_path):
-    from pipelines.train.job import TrainSettings
+    from pipelines.train.settings import TrainSettings
 
     with pytest.raises(ValueError, match="unknown setting"):
-        TrainSettings.from_yaml(TINY, batchsize=3)
+        TrainSettings.load(TINY, batchsize=3)
     with pytest.raises(ValueError, match="schedule"):
-        TrainSettings.from_yaml(TINY, schedule="linear")
+        TrainSettings.load(TINY, schedule="linear")
     with pytest.raises(FileNotFoundError):
-        TrainSettings.from_yaml(tmp_path / "nope.yaml")
+        TrainSettings.load(tmp_path / "nope.yaml")
 
 
 def test_samples_bad_data_counted_and_texts_from_both_layouts(tmp_path):
@@ -87,7 +87,7 @@ def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
     from blip.tokenizer import build_tokenizer
     from pipelines.train.data import (
         AugmentConfig,
-        TextConfig,
+        TextPrep,
         _tar_to_rows,
         draw_seed,
         epoch_plan,
@@ -116,7 +116,7 @@ def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
 
     write_tars(tmp_path / "d", 12, per_tar=12)
     (path,) = list_tars(str(tmp_path / "d"))
-    aug, text, tok = AugmentConfig(32, 0.5, True, 2, 5), TextConfig(), build_tokenizer(tiny_vocab_dir)
+    aug, text, tok = AugmentConfig(32, 0.5, True, 2, 5), TextPrep(), build_tokenizer(tiny_vocab_dir)
 
     def rows(seed, offset=0, stride=1):
         row = {"path": path, "seed": seed, "offset": offset, "stride": stride}
@@ -131,7 +131,7 @@ def test_epoch_plan_and_augmentation_draws_are_seeded(tmp_path, tiny_vocab_dir):
 def test_collapse_probe_on_collapsed_and_separated_features():
     import torch
 
-    from pipelines.train.job import PROBE_KEYS, collapse_probe
+    from pipelines.train.loop import PROBE_KEYS, collapse_probe
 
     class Toy(torch.nn.Module):  # the probe's view of a model: ITC features and a temperature
         def __init__(self, img, txt):
@@ -224,10 +224,11 @@ LEARN = {"alpha": 0.0, "init_lr": 5e-4, "warmup_steps": 3}
 
 @pytest.fixture(scope="module")
 def pretrained(corpus, tiny_vocab_dir, tmp_path_factory):
-    from pipelines.train.job import TrainSettings, train
+    from pipelines.train.job import train
+    from pipelines.train.settings import TrainSettings
 
     out = tmp_path_factory.mktemp("pretrain1")
-    s = TrainSettings.from_yaml(
+    s = TrainSettings.load(
         TINY, data=str(corpus), output=str(out), tokenizer=str(tiny_vocab_dir), max_steps=30, queue_size=8,
         torch_threads=2, **LEARN,
     )  # fmt: skip
@@ -261,13 +262,14 @@ def test_finetuned_captioner_and_filter_load_in_capfilt(pretrained, corpus, tmp_
     from blip import load
     from blip.image import preprocess
     from capfilt.stages import CapFiltStage
-    from pipelines.train.job import TrainSettings, train
+    from pipelines.train.job import train
+    from pipelines.train.settings import TrainSettings
 
     init, _ = pretrained
     outs = {}
     for task in ("caption", "retrieval"):
         cfg = str(ROOT / "configs" / f"finetune_{task}_tiny.yaml")
-        s = TrainSettings.from_yaml(cfg, data=str(corpus), output=str(tmp_path / task), init=str(init), max_steps=4)
+        s = TrainSettings.load(cfg, data=str(corpus), output=str(tmp_path / task), init=str(init), max_steps=4)
         summary = train(s)
         assert summary["final_step"] == 4
         outs[task] = tmp_path / task
@@ -312,7 +314,7 @@ def test_pretrain_two_workers_kill_and_resume(corpus, tiny_vocab_dir, tmp_path):
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # the run and the Ray processes it started (its own session)
         p.wait()
-    from pipelines.train.job import latest_checkpoint
+    from pipelines.train.checkpoints import latest_checkpoint
 
     killed_at = int(latest_checkpoint(out).name.split("_")[1])
     assert 8 <= killed_at < 24 and not (out / "train_summary.json").exists()

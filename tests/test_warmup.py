@@ -84,15 +84,16 @@ def test_load_vision_weights_from_a_blip_checkpoint_and_refuses_a_misfit(tmp_pat
 def test_pretraining_from_scratch_starts_its_vit_and_momentum_vit_from_init_vision(tmp_path, tiny_vocab_dir):
     from safetensors.torch import save_file
 
-    from pipelines.train.job import TrainSettings, build_model
+    from pipelines.train.models import build_model
+    from pipelines.train.settings import TrainSettings
 
     src = _vit()
     (tmp_path / "warm").mkdir()
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "warm" / "vision.safetensors"))
-    s = TrainSettings.from_yaml("pretrain_tiny.yaml", tokenizer=str(tiny_vocab_dir), data=str(tmp_path),
+    s = TrainSettings.load("pretrain_tiny.yaml", tokenizer=str(tiny_vocab_dir), data=str(tmp_path),
                                 output=str(tmp_path / "o"), init_vision=str(tmp_path / "warm"))  # fmt: skip
     model, _ = build_model(s, None)
-    plain, _ = build_model(TrainSettings.from_yaml("pretrain_tiny.yaml", tokenizer=str(tiny_vocab_dir)), None)
+    plain, _ = build_model(TrainSettings.load("pretrain_tiny.yaml", tokenizer=str(tiny_vocab_dir)), None)
     for k, v in src.state_dict().items():
         assert torch.equal(model.visual_encoder.state_dict()[k], v), k
         assert torch.equal(model.visual_encoder_m.state_dict()[k], v), k  # momentum copy follows
@@ -100,7 +101,7 @@ def test_pretraining_from_scratch_starts_its_vit_and_momentum_vit_from_init_visi
     for k, v in plain.text_encoder.state_dict().items():
         assert torch.equal(model.text_encoder.state_dict()[k], v), k
     with pytest.raises(ValueError, match="init_vision starts a from-scratch run"):
-        TrainSettings.from_yaml("pretrain_tiny.yaml", init="x", init_vision=str(tmp_path / "warm"))
+        TrainSettings.load("pretrain_tiny.yaml", init="x", init_vision=str(tmp_path / "warm"))
 
 
 def test_warmup_vision_trains_seeded_and_its_vit_loads(tmp_path, ray_local):
@@ -114,7 +115,7 @@ def test_warmup_vision_trains_seeded_and_its_vit_loads(tmp_path, ray_local):
     from pipelines.train.warmup import WarmupSettings, warmup_vision
 
     def run(name: str, **kw: int) -> dict:
-        s = WarmupSettings.from_yaml("warmup_vision_tiny.yaml", output=str(tmp_path / name), test_samples=128, cpus=1,
+        s = WarmupSettings.load("warmup_vision_tiny.yaml", output=str(tmp_path / name), test_samples=128, cpus=1,
                                      **kw)  # fmt: skip
         return warmup_vision(s)
 
@@ -158,16 +159,16 @@ def test_bad_setting_is_one_error_line_before_ray_starts(tmp_path, args, message
 
 def test_bootstrap_warms_up_only_from_scratch_on_the_synthetic_world(tmp_path):
     """The loop's warm-up step runs by default and not when the start or the data is the user's own."""
-    from pipelines.bootstrap import Bootstrap, BootstrapConfig
+    from pipelines.bootstrap import Bootstrap, BootstrapSettings
 
     def uses(**kw) -> bool:
-        return Bootstrap(BootstrapConfig(workdir=str(tmp_path / "w"), **kw)).uses_warmup()
+        return Bootstrap(BootstrapSettings(workdir=str(tmp_path / "w"), **kw)).uses_warmup()
 
     assert uses()
     assert not uses(warmup_vision=False)
     assert not uses(init=str(tmp_path))  # a pretrained start brings its own ViT
     assert not uses(web=str(tmp_path))  # your own web shards
     assert not uses(pretrain={"init_vision": str(tmp_path)})
-    boot = Bootstrap(BootstrapConfig(workdir=str(tmp_path / "w")))
+    boot = Bootstrap(BootstrapSettings(workdir=str(tmp_path / "w")))
     assert boot.pretrain_overrides("tok", "warm")["init_vision"] == "warm"
     assert "init_vision" not in boot.pretrain_overrides("tok")

@@ -1,22 +1,23 @@
-"""`capfilt run`'s settings: RunConfig (what CapFilt computes, inherited from CapFiltSettings, + where and how the
+"""`capfilt run`'s settings: RunSettings (what CapFilt computes, inherited from CapFiltSettings, + where and how the
 job runs), the pool's size range, and the model checks done before Ray starts."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from capfilt.decode import DEFAULT_MAX_PIXELS
 from capfilt.stages import CapFiltSettings
-from pipelines.settings import CONFIG_DIR, load_settings, resolve_path
-
-DEFAULT_CONFIG = CONFIG_DIR / "capfilt.yaml"
+from pipelines.settings import Settings, resolve_path
 
 
 @dataclass
-class RunConfig(CapFiltSettings):
-    """`capfilt run` settings: what CapFilt computes (CapFiltSettings, inherited) + where and how the job runs."""
+class RunSettings(CapFiltSettings, Settings):
+    """`capfilt run` settings: what CapFilt computes (CapFiltSettings, inherited) + where and how the job runs.
+    `RunSettings.load()` reads configs/capfilt.yaml; local paths (input, output, model folders) become absolute: the
+    actors' working directory is not ours."""
+
+    PRESET: ClassVar[str | None] = "capfilt.yaml"
 
     input: str = ""
     output: str = ""
@@ -88,13 +89,6 @@ def actor_range(actors: str | int | None, max_actors: int | None = None) -> tupl
     if not 1 <= a <= b:
         raise ValueError(f"actors must be N >= 1 or MIN:MAX with 1 <= MIN <= MAX, got {actors!r}")
     return a, b
-
-
-def load_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """YAML preset (default configs/capfilt.yaml) + overrides (CLI flags; None means "not given") -> RunConfig.
-
-    Local paths (input, output, model folders) become absolute here: the actors' working directory is not ours."""
-    return load_settings(RunConfig, path if path is not None else DEFAULT_CONFIG, overrides)
 
 
 def model_config(spec: str, role: str) -> Any:

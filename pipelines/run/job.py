@@ -31,7 +31,7 @@ from typing import Any
 import fsspec
 
 from pipelines.io import Shard, check_store, clean_tmp, iter_states, list_shards
-from pipelines.run.config import RunConfig, model_config
+from pipelines.run.config import RunSettings, model_config
 from pipelines.run.lease import Lease
 from pipelines.run.manifest import build_manifest, open_output, output_shards, read_manifest, remove_shard_outputs
 from pipelines.run.scheduler import schedule
@@ -45,7 +45,7 @@ class JobInterrupted(Exception):
     """SIGINT / SIGTERM during a run: the actors are stopped and the lease released; the CLI exits 130."""
 
 
-def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardProcessor) -> dict[str, Any]:
+def run_capfilt(cfg: RunSettings, echo: Any = None, processor_cls: type = ShardProcessor) -> dict[str, Any]:
     """Run (or resume) the job. Returns the summary dict; `summary["failed_shards"]` non-empty means exit non-zero.
 
     Everything that can be checked without Ray is checked first: both stores, input shards, both models (with their
@@ -53,8 +53,6 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
     in fault tests). Raises JobInterrupted on SIGINT/SIGTERM (after stopping the actors and releasing the lease).
     """
     echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cfg.resolve_paths()  # also for a RunConfig built in code: the actors do not share our working directory
-    cfg.validate()
     so = cfg.storage_options
     check_store(cfg.input, so, "input")
     check_store(cfg.output, so, "output")
@@ -74,7 +72,7 @@ def run_capfilt(cfg: RunConfig, echo: Any = None, processor_cls: type = ShardPro
 
 
 def _run_locked(
-    cfg: RunConfig,
+    cfg: RunSettings,
     shards: list[Shard],
     image_size: int,
     out_fs: Any,

@@ -31,7 +31,7 @@ MANIFEST = "_run.json"
 # Bump when the same models and settings would write other rows (a new sampler, another score); a folder made by an
 # earlier output version is then refused like one made with other settings.
 OUTPUT_VERSION = 2  # 2: counter-based sampling noise (blip.generate.SAMPLER), other captions for the same seed
-# The RunConfig fields that change an output row. Models and input are compared separately; `dtype` is recorded as
+# The RunSettings fields that change an output row. Models and input are compared separately; `dtype` is recorded as
 # resolved (auto -> bfloat16 on CUDA, float32 on CPU) when the device is known before Ray starts.
 OUTPUT_SETTINGS = (
     "num_captions",
@@ -86,7 +86,7 @@ def model_fingerprint(spec: str, previous: dict[str, Any] | None = None) -> dict
 
 
 def output_settings(cfg: Any) -> dict[str, Any]:
-    """The settings of `cfg` (a RunConfig) that change an output row, `dtype` resolved where the device is known."""
+    """The settings of `cfg` (a RunSettings) that change an output row, `dtype` resolved where the device is known."""
     out = {k: getattr(cfg, k) for k in OUTPUT_SETTINGS}
     if out["dtype"] == "auto":
         device = cfg.device

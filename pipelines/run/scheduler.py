@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipelines.io import Shard, write_failed_state
-from pipelines.run.config import RunConfig, actor_range
+from pipelines.run.config import RunSettings, actor_range
 from pipelines.run.lease import LeaseHeld
 from pipelines.run.worker import WorkerSettings
 
@@ -73,7 +73,7 @@ class PoolShape:
     per_actor: int  # shard calls in flight per actor
 
 
-def pool_shape(cfg: RunConfig, cluster_gpus: int, on_cluster: bool | None = None) -> PoolShape:
+def pool_shape(cfg: RunSettings, cluster_gpus: int, on_cluster: bool | None = None) -> PoolShape:
     """The pool for a cluster with `cluster_gpus` GPUs now. The device is what the user asked: `auto` means CUDA
     when the cluster has GPUs; on a cluster with none (yet) it is an error, since whether GPU nodes will come is the
     user's to say (`--device cuda` waits for them, `--device cpu` runs on CPUs)."""
@@ -110,7 +110,7 @@ def pool_shape(cfg: RunConfig, cluster_gpus: int, on_cluster: bool | None = None
 
 
 def schedule(
-    cfg: RunConfig,
+    cfg: RunSettings,
     todo: list[Shard],
     image_size: int,
     out_fs: Any,

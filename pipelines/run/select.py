@@ -46,11 +46,11 @@ from pipelines.io import (
 from pipelines.run.lease import Lease
 from pipelines.run.manifest import differences, open_output, output_shards, read_manifest
 from pipelines.run.summary import SummaryBuilder, format_summary, write_summary
-from pipelines.settings import resolve_path
+from pipelines.settings import Settings, resolve_path
 
 
 @dataclass
-class SelectConfig:
+class SelectSettings(Settings):
     """`capfilt select` settings: which run, the new selection (`threshold`, `keep`, `max_synthetic`), and how."""
 
     run: str  # the `capfilt run` output folder whose scores are re-decided
@@ -67,6 +67,9 @@ class SelectConfig:
     progress: bool = True  # a line per failed shard
     overwrite: bool = False  # NEW holds another selection (or a run): remove it and start over
     lease_timeout: float = 120.0
+
+    def resolve_paths(self) -> None:
+        self.run, self.output, self.input = resolve_path(self.run), resolve_path(self.output), resolve_path(self.input)
 
     def validate(self) -> None:
         checks = [
@@ -248,14 +251,12 @@ def selection_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]
 # ------------------------------------------------------------------------------------------------ the job
 
 
-def run_select(cfg: SelectConfig, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_select(cfg: SelectSettings, echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Select (or resume selecting) RUN into NEW. Returns the summary; `summary["failed_shards"]` non-empty means
     exit non-zero. Never loads a model. Raises pipelines.run.job.JobInterrupted on SIGINT/SIGTERM."""
     from pipelines.run.job import JobInterrupted, interrupts
 
     echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    cfg.validate()
-    cfg.run, cfg.output, cfg.input = resolve_path(cfg.run), resolve_path(cfg.output), resolve_path(cfg.input)
     so = cfg.storage_options
     check_store(cfg.run, so, "run")
     check_store(cfg.output, so, "output")
@@ -354,7 +355,7 @@ def run_select(cfg: SelectConfig, echo: Callable[[str], None] | None = None) -> 
     return summary
 
 
-def _execute(cfg: SelectConfig, todo: list[SelectTask], driver: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _execute(cfg: SelectSettings, todo: list[SelectTask], driver: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Each task's state record as it commits: Ray tasks (`tasks` in flight, failures retried here, where a shard
     can go to any worker), or one after another in this process."""
     if not todo:

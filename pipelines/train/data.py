@@ -260,7 +260,9 @@ def eval_transform(img: Image.Image, image_size: int) -> np.ndarray:
 
 
 @dataclass
-class TextConfig:
+class TextPrep:
+    """How a caption becomes training tokens: cleaned (pre_caption, max_words), prompted, tokenised to max_length."""
+
     max_words: int = 30
     max_length: int = 30  # tokens incl. [CLS]/[SEP]; batches are trimmed to their longest text in the worker
     prompt: str = ""  # prepended to every training text (the captioner's "a picture of ")
@@ -320,7 +322,7 @@ def tar_names(tars: list[str]) -> dict[str, str]:
 
 
 def _tar_to_rows(
-    row: dict[str, Any], aug: AugmentConfig, text: TextConfig, tokenizer: Any, counter: Any
+    row: dict[str, Any], aug: AugmentConfig, text: TextPrep, tokenizer: Any, counter: Any
 ) -> Iterator[dict[str, Any]]:
     """flat_map: one tar -> augmented, tokenised rows. Every draw (text choice, crop, flip, RandAugment) comes from
     `row["seed"]`, which is per (seed, epoch, rank, tar): new draws every epoch, the same draws on a rerun or resume."""
@@ -360,7 +362,7 @@ def read_tasks(tars: list[str], seed: int, epoch: int, rank: int = 0, world: int
 def build_train_dataset(
     tars: list[str],
     aug: AugmentConfig,
-    text: TextConfig,
+    text: TextPrep,
     tokenizer: Any,
     counter: Any = None,
     seed: int = 0,

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from pipelines.settings import Settings, resolve_path
+
 
 @dataclass
-class WarmupSettings:
+class WarmupSettings(Settings):
     output: str = ""
     model: str = "tiny"  # model preset whose ViT is trained (its `vision` config)
     image_size: int | None = None  # None: the preset's
@@ -46,17 +48,8 @@ class WarmupSettings:
     use_gpu: bool | None = None  # None: when the cluster has a GPU
     address: str | None = None
 
-    @classmethod
-    def from_yaml(cls, path: str | Path | None, **overrides: Any) -> WarmupSettings:
-        from pipelines.settings import load_settings
-
-        return load_settings(cls, path, overrides)
-
-    def resolve_paths(self) -> WarmupSettings:
-        from pipelines.settings import resolve_path
-
+    def resolve_paths(self) -> None:
         self.output = resolve_path(self.output) or self.output
-        return self
 
     def validate(self) -> None:
         if not self.output:
@@ -217,8 +210,6 @@ def warmup_vision(s: WarmupSettings) -> dict[str, Any]:
 
     from pipelines.train.local_ray import init_ray
 
-    s.resolve_paths()
-    s.validate()
     Path(s.output).mkdir(parents=True, exist_ok=True)
     init_ray(s.address, int(math.ceil(s.cpus)))
     gpu = s.use_gpu if s.use_gpu is not None else ray.cluster_resources().get("GPU", 0) >= 1
