@@ -147,19 +147,13 @@ def _run_locked(
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("input", "output", "storage_options")}
     head = {"input": cfg.input, "output": cfg.output, "captioner": cfg.captioner, "filter": cfg.filter}
     summary = builder.build(
-        {
-            **head,
-            "settings": settings,
-            "shards_skipped": skipped,
-            "shards_changed": changed,
-            "interrupted": interrupted,
-        },
-        {
-            "seconds": round(elapsed, 2),
-            "rows_this_run": n_rows,
-            "rows_per_second": round(n_rows / elapsed, 2) if elapsed > 0 and n_rows else None,
-            "driver": driver,
-        },
+        {**head, "settings": settings},
+        skipped=skipped,
+        changed=changed,
+        interrupted=interrupted,
+        elapsed=elapsed,
+        n_rows=n_rows,
+        driver=driver,
     )
     write_summary(out_fs, root, summary, cfg.threshold)
     if interrupted:  # counted on disk: a shard may have committed after the driver stopped listening

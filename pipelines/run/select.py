@@ -327,24 +327,16 @@ def run_select(cfg: SelectSettings, echo: Callable[[str], None] | None = None) -
                 builder.add(t.name, t.shard.path if t.shard else None, None)
         elapsed, driver["cpu_seconds"] = time.time() - t0, round(time.process_time() - cpu0, 3)
         models = run_manifest.get("models", {})
+        head = {"input": input_, "output": cfg.output, "selection_of": cfg.run}
+        head |= {"captioner": models.get("captioner", {}).get("spec"), "filter": models.get("filter", {}).get("spec")}
         summary = builder.build(
-            {
-                "input": input_,
-                "output": cfg.output,
-                "selection_of": cfg.run,
-                "captioner": models.get("captioner", {}).get("spec"),
-                "filter": models.get("filter", {}).get("spec"),
-                "settings": new["settings"],
-                "shards_skipped": skipped,
-                "shards_changed": changed,
-                "interrupted": interrupted,
-            },
-            {
-                "seconds": round(elapsed, 2),
-                "rows_this_run": n_rows,
-                "rows_per_second": round(n_rows / elapsed, 2) if elapsed > 0 and n_rows else None,
-                "driver": driver,
-            },
+            {**head, "settings": new["settings"]},
+            skipped=skipped,
+            changed=changed,
+            interrupted=interrupted,
+            elapsed=elapsed,
+            n_rows=n_rows,
+            driver=driver,
         )
         write_summary(fs, root, summary, threshold)
     finally:

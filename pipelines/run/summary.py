@@ -62,10 +62,25 @@ class SummaryBuilder:
             if k in self.hists:
                 self.hists[k] += np.asarray(v, dtype=np.int64)
 
-    def build(self, head: dict[str, Any], tail: dict[str, Any]) -> dict[str, Any]:
+    def build(
+        self,
+        head: dict[str, Any],
+        *,
+        skipped: int,
+        changed: list[str],
+        interrupted: bool,
+        elapsed: float,
+        n_rows: int,
+        driver: dict[str, Any],
+    ) -> dict[str, Any]:
+        """summary.json: `head` (what ran: input, output, models, settings), this job's shard bookkeeping, the totals
+        and histograms of every shard, then this job's own timing (`n_rows` samples in `elapsed` s)."""
         t = self.totals
         return {
             **head,
+            "shards_skipped": skipped,
+            "shards_changed": changed,
+            "interrupted": interrupted,
             "shards": len(self.per_shard),
             "shards_done": len(self.per_shard) - len(self.failed),
             "failed_shards": sorted(self.failed, key=lambda f: f["shard"]),
@@ -76,7 +91,10 @@ class SummaryBuilder:
             "histograms": {k: {"range": list(HIST_RANGES[k]), "counts": h.tolist()} for k, h in self.hists.items()},
             "per_shard": sorted(self.per_shard, key=lambda r: r["shard"]),
             "per_node": self.per_node(),
-            **tail,
+            "seconds": round(elapsed, 2),
+            "rows_this_run": n_rows,
+            "rows_per_second": round(n_rows / elapsed, 2) if elapsed > 0 and n_rows else None,
+            "driver": driver,
         }
 
     def per_node(self) -> list[dict[str, Any]]:
