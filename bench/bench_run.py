@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "capfilt.yaml"
 
@@ -52,25 +50,24 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
     """Seconds spent in CapFiltStage over all samples (decode done beforehand, untimed)."""
     import torch
 
-    from capfilt.decode import DecodeStage
-    from capfilt.stages import CapFiltStage
+    from capfilt.decode import decode_or_error
+    from capfilt.stages import CapFiltStage, stage_batch
     from pipelines.io import ShardReader, list_shards
 
     stage = CapFiltStage(**cfg.stage_settings())
     stage.setup()
     if stage._device.type == "cpu":
         torch.set_num_threads(max(1, int(cfg.actor_cpus)))  # the same threads as one CPU actor
-    decode = DecodeStage(image_size=stage.image_size, image_column="image", fallback_columns=())
-    decode.setup()
     rows = [r for s in list_shards(corpus) for r in ShardReader(s)]
-    batch = decode({k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "image", "caption")})
-    n = len(rows)
-    stage({k: v[: min(2, n)] for k, v in batch.items()})  # warm-up (kernels, allocator)
+    decoded = [decode_or_error(r["image"], stage.image_size) for r in rows]
+    n, b = len(rows), cfg.batch_size
+    batches = [stage_batch(rows[i : i + b], decoded[i : i + b], stage.image_size) for i in range(0, n, b)]
+    stage(stage_batch(rows[:2], decoded[:2], stage.image_size))  # warm-up (kernels, allocator)
     if stage._device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    for i in range(0, n, cfg.batch_size):
-        stage({k: v[i : i + cfg.batch_size] for k, v in batch.items()})
+    for batch in batches:
+        stage(batch)
     if stage._device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t, n

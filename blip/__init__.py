@@ -18,6 +18,8 @@ _EXPORTS = {
     "save_pretrained": "blip.checkpoint",
     "load_vision_weights": "blip.checkpoint",
     "convert_checkpoint": "blip.checkpoint",
+    "check_family": "blip.checkpoint",
+    "transfer_weights": "blip.checkpoint",
 }
 __all__ = list(_EXPORTS)
 

@@ -209,6 +209,20 @@ def load_state_dict_checked(
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
+ROLES = {  # the families that can serve each role: a pretrain checkpoint has the captioner's and the filter's heads
+    "captioner": ("caption", "pretrain"),
+    "filter": ("retrieval", "pretrain"),
+    "vqa": ("vqa",),
+}
+
+
+def check_family(family: str, role: str, source: str) -> None:
+    """The one rule for which checkpoint can serve a role (`capfilt run`'s models, eval, caption/score/vqa)."""
+    allowed = ROLES[role]
+    if family not in allowed:
+        raise ValueError(f"{source} is a {family} model; a {role} must be a {' or '.join(allowed)} model")
+
+
 def transfer_weights(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, list[str]]:
     """Copy every key of `sd` that `model` has (shape-checked; ViT position embeddings resized); report the rest.
 

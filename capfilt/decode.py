@@ -1,9 +1,9 @@
-"""Decode stage: image bytes -> (S, S, 3) uint8 RGB at model size, or a `decode_error` row. No Ray here.
+"""The one image decoder: image bytes -> (S, S, 3) uint8 RGB at model size, or a `decode_error` status. No Ray here.
 
 Web images come in every shape: EXIF-rotated JPEGs, palette/alpha PNGs, CMYK JPEGs, 16-bit PNGs, animated GIFs,
 truncated files, HTML pages saved as .jpg, and decompression bombs. `decode_image` turns each into RGB pixels or
-raises `DecodeError` with a message saying what was wrong; `DecodeStage` applies it to a batch and never raises for
-a bad sample. The resize is `blip.image.resize_rgb` (PIL bicubic on uint8), so the pixels are bit-exact with the
+raises `DecodeError` with a message saying what was wrong; `decode_or_error` never raises for a bad sample, and
+`stack_pixels` makes a model batch of its results. The resize is `blip.image.resize_rgb` (PIL bicubic on uint8), so the pixels are bit-exact with the
 model's own preprocessing whenever JPEG draft mode does not apply.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -178,56 +177,11 @@ def allow_max_pixels(max_pixels: int) -> None:
     Image.init()  # register every plugin once, not lazily inside the first decode
 
 
-@dataclass
-class DecodeStage:
-    """Batch stage: adds `pixels` (B, S, S, 3) uint8, `status`, `error`, `width`, `height`; keeps every column.
-
-    A row whose image cannot be decoded gets zero pixels, status "decode_error" and the message in `error`.
-    When `image_column` is absent or empty for a row, the other usual img2dataset image columns are tried.
-    """
-
-    image_size: int = 384
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    image_column: str = "jpg"
-    fallback_columns: tuple[str, ...] = ("jpeg", "png", "webp")
-
-    def setup(self) -> None:
-        if self.image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {self.image_size}")
-        allow_max_pixels(self.max_pixels)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        n = _batch_len(batch)
-        columns = [c for c in (self.image_column, *self.fallback_columns) if c in batch]
-        s = self.image_size
-        pixels = np.zeros((n, s, s, 3), dtype=np.uint8)  # (B, S, S, 3)
-        status = np.full(n, "ok", dtype=object)
-        error = np.full(n, "", dtype=object)
-        width = np.zeros(n, dtype=np.int32)
-        height = np.zeros(n, dtype=np.int32)
-        for i in range(n):
-            values = [batch[c][i] for c in columns]
-            # first non-empty image; else whatever is there (b"" gives "empty image", None gives "no image bytes")
-            data = next((v for v in values if _present(v)), next((v for v in values if v is not None), None))
-            if data is None and not columns:
-                status[i], error[i] = (
-                    "decode_error",
-                    f"no image column {self.image_column!r} (columns: {sorted(batch)})",
-                )
-                continue
-            px, status[i], error[i], width[i], height[i] = decode_or_error(data, s, self.max_pixels)
-            if px is not None:
-                pixels[i] = px
-        out = dict(batch)
-        out.update(pixels=pixels, status=status, error=error, width=width, height=height)
-        return out
-
-
-def _present(value: Any) -> bool:
-    return value is not None and not (isinstance(value, float) and np.isnan(value)) and len(value) > 0
-
-
-def _batch_len(batch: dict[str, Any]) -> int:
-    for v in batch.values():
-        return len(v)
-    return 0
+def stack_pixels(decoded: list[tuple], image_size: int) -> np.ndarray:
+    """decode_or_error results -> one (B, S, S, 3) uint8 batch; a sample that failed stays zeros (its status says
+    why, and the stage does not score it)."""
+    pixels = np.zeros((len(decoded), image_size, image_size, 3), dtype=np.uint8)  # (B, S, S, 3)
+    for i, (px, *_rest) in enumerate(decoded):
+        if px is not None:
+            pixels[i] = px
+    return pixels

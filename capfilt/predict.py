@@ -31,13 +31,12 @@ def read_images(paths: list[str], image_size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _load(model_path: str, families: tuple[str, ...], what: str, device: str, dtype: str, tokenizer_path: str | None):
+def _load(model_path: str, role: str, device: str, dtype: str, tokenizer_path: str | None):
     import blip
 
     dev = resolve_device(device)
     model = blip.load(model_path, device=dev, dtype=resolve_dtype(dtype, dev), tokenizer_path=tokenizer_path)
-    if model.config.family not in families:
-        raise ValueError(f"{model_path} is a {model.config.family} model; {what} needs a {' or '.join(families)} model")
+    blip.check_family(model.config.family, role, model_path)
     return model
 
 
@@ -69,7 +68,7 @@ def caption_files(
         raise ValueError("several captions per image need sampling: add --top-p (0.9 in the paper)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
-    model = _load(model_path, ("caption", "pretrain"), "captioning", device, dtype, tokenizer_path)
+    model = _load(model_path, "captioner", device, dtype, tokenizer_path)
     size = model.config.vision.image_size
     uint8 = read_images(images, size)  # every file is checked before any work is done
     results: list[tuple[str, list[str]]] = []
@@ -107,7 +106,7 @@ def score_file(
         raise ValueError("give at least one TEXT to score")
     if first_token not in ("enc", "cls"):
         raise ValueError(f"first token must be 'enc' or 'cls', got {first_token!r}")
-    model = _load(model_path, ("retrieval", "pretrain"), "scoring", device, dtype, tokenizer_path)
+    model = _load(model_path, "filter", device, dtype, tokenizer_path)
     pixels = _pixels(model, read_images([image], model.config.vision.image_size))
     itm, itc = model.score(pixels, [texts], first_token=first_token)
     return list(zip(texts, itm[0], itc[0]))
@@ -153,7 +152,7 @@ def answer_file(
     if not questions:
         raise ValueError("give at least one QUESTION")
     answer_list = read_answer_list(answers_path) if answers_path is not None else None
-    model = _load(model_path, ("vqa",), "question answering", device, dtype, tokenizer_path)
+    model = _load(model_path, "vqa", device, dtype, tokenizer_path)
     pixels = _pixels(model, read_images([image], model.config.vision.image_size)).expand(len(questions), -1, -1, -1)
     if answer_list is not None:
         answers = [answer_list[i] for i in model.rank_answers(pixels, questions, answer_list, k=k)]

@@ -1,9 +1,9 @@
-"""CapFilt stages on in-memory batches (dicts of arrays / lists): plain classes with `setup()` + `__call__(batch)`.
+"""CapFilt on in-memory batches (dicts of arrays / lists): a plain class with `setup()` + `__call__(batch)`.
 
-`DecodeStage` (image bytes -> uint8 pixels or a `decode_error` row) lives in capfilt/decode.py. `CapFiltStage` holds
-the captioner and the filter on one device and, per batch: N synthetic captions by nucleus sampling (counter-based
-noise keyed by one seed per sample, `sample_seed(seed, key)`, so reruns, retries and a different batch composition or
-batch size give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
+A batch (`stage_batch`) is read rows + their decoded pixels (capfilt/decode.py). `CapFiltStage` holds the captioner
+and the filter on one device and, per batch: N synthetic captions by nucleus sampling (counter-based noise keyed by
+one seed per sample, `stable_seed(seed, key)`, so reruns, retries and a different batch composition or batch size
+give the same captions), then the filter's ITM match probability and ITC cosine for the web text and
 each synthetic caption; a text is kept when its ITM probability >= threshold, a sample when any text is kept
 (`select_texts`: the one keep rule, also applied by `capfilt select` to the stored scores).
 The result columns and their types are capfilt/schema.py's (`SampleResult`). No Ray in here.
@@ -11,7 +11,6 @@ The result columns and their types are capfilt/schema.py's (`SampleResult`). No 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -20,16 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from blip.image import normalize
+from capfilt.decode import stack_pixels
 from capfilt.schema import RESULT_COLUMNS, SampleResult
+from capfilt.seeds import stable_seed
 
 # the one table of model dtypes (capfilt run, caption, score, vqa)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def sample_seed(seed: int, key: str) -> int:
-    """A stable 63-bit seed from (run seed, sample key): independent of Python's hash salt, batch and machine."""
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -140,6 +135,17 @@ class CapFiltSettings:
         return {f.name: getattr(self, f.name) for f in fields(CapFiltSettings)}
 
 
+def stage_batch(rows: list[dict[str, Any]], decoded: list[tuple], image_size: int) -> dict[str, Any]:
+    """Read rows (`key`, `caption`: pipelines.io's READ_FIELDS) + their `decode_or_error` results -> the batch
+    `CapFiltStage.results` takes: the one way a batch is made (the CapFilt worker, the bench, tests)."""
+    return {
+        "key": [r["key"] for r in rows],
+        "caption": [r["caption"] for r in rows],
+        "status": [d[1] for d in decoded],
+        "pixels": stack_pixels(decoded, image_size),  # (B, S, S, 3) uint8
+    }
+
+
 @dataclass
 class CapFiltStage(CapFiltSettings):
     """Captioner + filter on one device; `__call__` maps a decoded batch to result rows (see the module docstring)."""
@@ -172,7 +178,7 @@ class CapFiltStage(CapFiltSettings):
 
     @property
     def image_size(self) -> int:
-        """The size DecodeStage should produce: the larger model size (the other one is resized on the device)."""
+        """The size to decode images to: the larger model size (the other one is resized on the device)."""
         return max(self.cap_model.config.vision.image_size, self.filt_model.config.vision.image_size)
 
     def _pixels_for(self, x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
@@ -194,7 +200,7 @@ class CapFiltStage(CapFiltSettings):
         x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self._device, non_blocking=True)  # (B, S, S, 3) uint8
         caps: list[list[str]] = [[] for _ in keys]
         if self.num_captions > 0:
-            seeds = torch.tensor([sample_seed(self.seed, k) for k in keys], dtype=torch.long)  # (B,)
+            seeds = torch.tensor([stable_seed(self.seed, k) for k in keys], dtype=torch.long)  # (B,)
             caps = self.cap_model.generate(
                 self._pixels_for(x, self.cap_model),
                 sample=True,
@@ -227,7 +233,7 @@ class CapFiltStage(CapFiltSettings):
         return out
 
     def results(self, batch: dict[str, Any]) -> list[SampleResult]:
-        """DecodeStage output (`pixels` (B, S, S, 3) uint8, `status`, `key`, `caption`, ...) -> one result per row.
+        """A `stage_batch` (`pixels` (B, S, S, 3) uint8, `status`, `key`, `caption`) -> one result per row.
 
         Rows whose status is not "ok" get SampleResult's defaults (empty lists, not kept), `reason` = their status.
         """

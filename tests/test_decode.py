@@ -12,7 +12,7 @@ from PIL import Image
 
 from blip.image import resize_rgb
 from capfilt import synth
-from capfilt.decode import DecodeError, DecodeStage, apply_draft, decode_image, decode_image_with_size
+from capfilt.decode import DecodeError, apply_draft, decode_image, decode_image_with_size, decode_or_error, stack_pixels
 from tests import synth_fixtures
 
 # What the error message of each failing case must mention, so a user can tell what was wrong.
@@ -33,44 +33,38 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def bad_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+def bad_batch(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, dict]:
     out = tmp_path_factory.mktemp("bad")
     expected = synth_fixtures.make_bad_corpus(str(out))
     samples = list(wds.WebDataset(str(out / "00000.tar"), shardshuffle=False))
-    # the shape Ray Data hands a batch over in: numpy object arrays
-    batch = {
-        "__key__": np.array([s["__key__"] for s in samples], dtype=object),
-        "jpg": np.array([s["jpg"] for s in samples], dtype=object),
-        "txt": np.array([s.get("txt") for s in samples], dtype=object),
-    }
-    return batch, expected
+    return samples, expected
 
 
-def test_every_hostile_case(bad_batch: tuple[dict, dict]) -> None:
-    batch, expected = bad_batch
-    stage = DecodeStage(image_size=64)
-    stage.setup()
-    out = stage(batch)
-    n = len(batch["jpg"])
-    assert out["pixels"].shape == (n, 64, 64, 3) and out["pixels"].dtype == np.uint8
-    assert out["width"].dtype == np.int32 and len(out["status"]) == len(out["error"]) == n
-    assert out["__key__"] is batch["__key__"] and out["txt"] is batch["txt"]  # every column kept
+def test_every_hostile_case(bad_batch: tuple[list, dict]) -> None:
+    """The worker's path: decode_or_error per sample (never raises), stack_pixels for the model batch."""
+    samples, expected = bad_batch
+    decoded = [decode_or_error(s["jpg"], 64) for s in samples]
+    pixels = stack_pixels(decoded, 64)
+    n = len(samples)
+    assert pixels.shape == (n, 64, 64, 3) and pixels.dtype == np.uint8
+    keys = [s["__key__"] for s in samples]
+    _, status, error, width, height = (list(c) for c in zip(*decoded))
     seen = set()
-    for i, key in enumerate(out["__key__"]):
+    for i, key in enumerate(keys):
         case, want = expected[key]["case"], expected[key]["status"]
         seen.add(case)
-        assert out["status"][i] == want, (case, out["error"][i])
+        assert status[i] == want, (case, error[i])
         if want == "ok":
-            assert out["error"][i] == "" and out["pixels"][i].any() and out["width"][i] >= 1
+            assert error[i] == "" and pixels[i].any() and width[i] >= 1
         else:
-            assert not out["pixels"][i].any()
-            assert _MESSAGE_WORDS[case] in out["error"][i].lower(), (case, out["error"][i])
+            assert not pixels[i].any()
+            assert _MESSAGE_WORDS[case] in error[i].lower(), (case, error[i])
     assert seen == {v["case"] for v in expected.values()}
-    by_case = {expected[k]["case"]: i for i, k in enumerate(out["__key__"])}
-    assert (out["width"][by_case["one_pixel"]], out["height"][by_case["one_pixel"]]) == (1, 1)
-    assert out["width"][by_case["truncated_jpeg"]] == 96  # the header was readable: its size is reported
+    by_case = {expected[k]["case"]: i for i, k in enumerate(keys)}
+    assert (width[by_case["one_pixel"]], height[by_case["one_pixel"]]) == (1, 1)
+    assert width[by_case["truncated_jpeg"]] == 96  # the header was readable: its size is reported
     # the animated GIF gives its first frame (blue), not its second (red)
-    assert np.abs(out["pixels"][by_case["animated_gif"]].astype(int) - [30, 70, 220]).max() <= 3
+    assert np.abs(pixels[by_case["animated_gif"]].astype(int) - [30, 70, 220]).max() <= 3
 
 
 def test_exif_rotation_really_rotates() -> None:
@@ -184,28 +178,34 @@ def test_errors_for_missing_and_capped() -> None:
     assert decode_image(np.frombuffer(ok, np.uint8), 8).shape == (8, 8, 3)  # bytes as a uint8 array
 
 
-def test_stage_fallback_columns_and_missing_column() -> None:
+def test_image_members_of_any_kind_and_missing_ones(tmp_path: Path) -> None:
+    """A sample's image is whichever image member it has (`.png` as well as `.jpg`): read by the shard reader, decoded
+    by decode_or_error; an empty image or none at all is a decode_error row with the reason, never a crash."""
+    import tarfile
+
+    from pipelines.io import ShardReader, list_shards
+
     png = _encode(Image.new("RGB", (20, 10), (30, 160, 50)), "PNG")
     jpg = _encode(Image.new("RGB", (10, 20), (220, 30, 30)), "JPEG")
-    stage = DecodeStage(image_size=8)
-    stage.setup()
-    out = stage({"key": ["a", "b", "c", "d"], "jpg": [jpg, None, b"", None], "png": [None, png, None, None]})
-    assert list(out["status"]) == ["ok", "ok", "decode_error", "decode_error"]
-    assert list(out["width"]) == [10, 20, 0, 0] and list(out["height"]) == [20, 10, 0, 0]
-    assert "empty" in out["error"][2] and "no image" in out["error"][3]
-    out = stage({"key": np.array(["a", "b"]), "image": [jpg, png]})  # wrong column name: rows, not a crash
-    assert list(out["status"]) == ["decode_error"] * 2 and "'jpg'" in out["error"][0]
-    out = DecodeStage(image_size=8, image_column="image")({"key": ["a"], "image": [jpg]})
-    assert out["status"][0] == "ok" and out["pixels"].shape == (1, 8, 8, 3)
-    empty = stage({"key": np.array([], dtype=object), "jpg": np.array([], dtype=object)})
-    assert empty["pixels"].shape == (0, 8, 8, 3)
+    with tarfile.open(tmp_path / "00000.tar", "w") as tf:
+        for name, data in (("a.jpg", jpg), ("b.png", png), ("c.jpg", b""), ("d.txt", b"no image")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    rows = list(ShardReader(list_shards(str(tmp_path))[0]))
+    assert [r["image_ext"] for r in rows] == ["jpg", "png", "jpg", None]
+    decoded = [decode_or_error(r["image"], 8) for r in rows]
+    assert [d[1] for d in decoded] == ["ok", "ok", "decode_error", "decode_error"]
+    assert [d[3:] for d in decoded] == [(10, 20), (20, 10), (0, 0), (0, 0)]
+    assert "empty" in decoded[2][2] and "no image" in decoded[3][2]
+    assert stack_pixels(decoded, 8).shape == (4, 8, 8, 3) and stack_pixels([], 8).shape == (0, 8, 8, 3)
 
 
 def test_corpus_decodes(tmp_path: Path) -> None:
     """Every image of a synthetic corpus decodes, at the corpus' own size bit-exactly with the model preprocessing."""
     synth.write_corpus(str(tmp_path), 20, image_size=64, samples_per_shard=20)
     samples = list(wds.WebDataset(str(tmp_path / "00000.tar"), shardshuffle=False))
-    out = DecodeStage(image_size=64)({"jpg": [s["jpg"] for s in samples]})
-    assert set(out["status"]) == {"ok"}
+    decoded = [decode_or_error(s["jpg"], 64) for s in samples]
+    assert {d[1] for d in decoded} == {"ok"}
     ref = np.stack([resize_rgb(Image.open(io.BytesIO(s["jpg"])), 64) for s in samples])
-    assert np.array_equal(out["pixels"], ref)
+    assert np.array_equal(stack_pixels(decoded, 64), ref)

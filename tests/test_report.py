@@ -44,23 +44,22 @@ def _tiny(family: str, vocab_dir: Path, seed: int) -> torch.nn.Module:
 def _median_web_itm(input_dir: Path, cap: torch.nn.Module, filt: torch.nn.Module) -> float:
     """The filter's median web-text ITM over the corpus: a threshold that keeps some samples and drops others,
     whatever the random weights give."""
-    from capfilt.decode import DecodeStage
-    from capfilt.stages import CapFiltStage
+    from capfilt.decode import decode_or_error
+    from capfilt.stages import CapFiltStage, stage_batch
     from pipelines.io import ShardReader, list_shards
 
     rows = [r for s in list_shards(str(input_dir)) for r in ShardReader(s)]
-    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in ("key", "caption")}
-    batch["jpg"] = np.array([r["image"] for r in rows], dtype=object)
     stage = CapFiltStage.from_models(cap, filt, num_captions=0, device="cpu", dtype="float32")
     stage.setup()
-    decode = DecodeStage(image_size=stage.image_size)
-    decode.setup()
-    return float(np.median([s for s in stage(decode(batch))["web_itm"] if s is not None]))
+    decoded = [decode_or_error(r["image"], stage.image_size) for r in rows]
+    return float(
+        np.median([s for s in stage(stage_batch(rows, decoded, stage.image_size))["web_itm"] if s is not None])
+    )
 
 
 @pytest.fixture(scope="module")
 def run_output(tiny_vocab_dir, tmp_path_factory) -> dict:
-    """A real `capfilt run` (Ray Data, tiny random models) over 2 synthetic shards, 1 hostile shard and 1 cut tar."""
+    """A real `capfilt run` (Ray actors, tiny random models) over 2 synthetic shards, 1 hostile shard and 1 cut tar."""
     from blip import save_pretrained
     from pipelines.run.config import RunSettings
     from pipelines.run.job import run_capfilt

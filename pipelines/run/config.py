@@ -99,7 +99,5 @@ def model_config(spec: str, role: str) -> Any:
         cfg = blip.read_config(spec)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{role} {spec!r}: {e}") from None
-    allowed = {"captioner": ("caption", "pretrain"), "filter": ("retrieval", "pretrain")}[role]
-    if cfg.family not in allowed:
-        raise ValueError(f"{role} {spec!r} is a {cfg.family!r} checkpoint; a {role} must be one of {allowed}")
+    blip.check_family(cfg.family, role, f"{role} {spec!r}")
     return cfg

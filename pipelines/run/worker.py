@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import fsspec
-import numpy as np
 
 from capfilt.decode import DEFAULT_MAX_PIXELS, allow_max_pixels, decode_or_error
+from capfilt.stages import stage_batch
 from pipelines.io import Shard, ShardReader, ShardWriter
 
 _END = object()
@@ -129,17 +129,7 @@ class ShardProcessor:
     def process_batch(self, rows: list[dict[str, Any]], decoded: list[tuple]) -> list[dict[str, Any]]:
         """READ_FIELDS rows + their decode results -> output rows: each read row with its SampleResult's fields and
         its decode status added (ShardWriter keeps capfilt.schema.OUT_COLUMNS, and the image bytes when kept)."""
-        s = self.settings.image_size
-        pixels = np.zeros((len(rows), s, s, 3), dtype=np.uint8)  # (B, S, S, 3)
-        for i, (px, *_rest) in enumerate(decoded):
-            if px is not None:
-                pixels[i] = px
-        batch = {
-            "key": [r["key"] for r in rows],
-            "caption": [r["caption"] for r in rows],
-            "status": [d[1] for d in decoded],
-            "pixels": pixels,
-        }
+        batch = stage_batch(rows, decoded, self.settings.image_size)
         with self.model_lock:
             results = self.stage.results(batch)
         with self._count_lock:

@@ -12,13 +12,11 @@ over {Identity, AutoContrast, Equalize, Brightness, Sharpness, ShearX/Y, Transla
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
 import re
 import tarfile
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +26,7 @@ from PIL import Image, ImageEnhance, ImageFile, ImageOps
 
 from blip.image import resize_rgb
 from capfilt.decode import load_rgb
+from capfilt.seeds import stable_seed
 from pipelines.io import IMAGE_EXTS
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -140,11 +139,6 @@ def iter_samples(tars: list[str], max_words: int = 30, require_text: bool = True
     for path in tars:
         for group in iter_tar_groups(path):
             yield parse_group(group, max_words, require_text)
-
-
-def stable_id(key: str) -> int:
-    """A sample id that is the same in every process (retrieval fine-tuning: same-image pairs are not negatives)."""
-    return zlib.crc32(key.encode("utf-8")) & 0x7FFFFFFF
 
 
 # ---------------------------------------------------------------------------------------------------- augmentations
@@ -287,13 +281,6 @@ class SkipCounter:
         }
 
 
-def draw_seed(*parts: Any) -> int:
-    """A 63-bit seed from any parts (seed, epoch, rank, tar path): the same in every process and Python run
-    (unlike hash(), which is salted per process)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def epoch_plan(tars: list[str], seed: int, epoch: int, rank: int = 0, world: int = 1) -> tuple[list[str], int, int]:
     """What rank `rank` of `world` reads in `epoch`: (its tars in reading order, offset, stride).
 
@@ -303,7 +290,7 @@ def epoch_plan(tars: list[str], seed: int, epoch: int, rank: int = 0, world: int
     """
     names = tar_names(tars)
     order = sorted(tars, key=names.__getitem__)
-    random.Random(draw_seed(seed, epoch, "tar-order")).shuffle(order)
+    random.Random(stable_seed(seed, epoch, "tar-order")).shuffle(order)
     if world == 1:
         return order, 0, 1
     if len(order) >= world:
@@ -342,7 +329,7 @@ def _tar_to_rows(
             "image": train_transform(p.image, aug, rng),  # (S, S, 3) uint8
             "input_ids": np.asarray(enc["input_ids"], dtype=np.int64),  # (L,)
             "attention_mask": np.asarray(enc["attention_mask"], dtype=np.int64),  # (L,)
-            "idx": np.int64(stable_id(p.key)),
+            "idx": np.int64(stable_seed(p.key)),
         }
     if bad and counter is not None:
         counter.add.remote(bad)
@@ -355,7 +342,7 @@ def read_tasks(tars: list[str], seed: int, epoch: int, rank: int = 0, world: int
     paths, offset, stride = epoch_plan(tars, seed, epoch, rank, world)
     names = tar_names(tars)
     return [
-        {"path": p, "seed": draw_seed(seed, epoch, rank, names[p]), "offset": offset, "stride": stride} for p in paths
+        {"path": p, "seed": stable_seed(seed, epoch, rank, names[p]), "offset": offset, "stride": stride} for p in paths
     ]
 
 
@@ -386,7 +373,7 @@ def build_train_dataset(
 
 def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     """The local-shuffle-buffer seed of one rank's epoch (numpy takes 32..64-bit ints)."""
-    return draw_seed(seed, epoch, rank, "local-shuffle")
+    return stable_seed(seed, epoch, rank, "local-shuffle")
 
 
 def count_tar_samples(tars: list[str]) -> int:

@@ -224,6 +224,7 @@ def evaluate(
         raise ValueError("--ground-truth is for captioning (a COCO-format caption file); retrieval uses the texts")
     if set(scorers) - set(COCO_SCORERS):  # before any caption is generated
         raise ValueError(f"unknown --scorers {sorted(set(scorers) - set(COCO_SCORERS))}; choose from {COCO_SCORERS}")
+    import blip
     from pipelines.settings import resolve_path, resolve_paths
     from pipelines.train.data import list_tars
 
@@ -236,11 +237,7 @@ def evaluate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     model = load_model(model_path, device)
-    fam = model.config.family
-    if task == "retrieval" and not hasattr(model, "itm_logits"):
-        raise ValueError(f"{model_path} is a {fam} model; retrieval needs a retrieval or pretrain checkpoint")
-    if task == "caption" and not hasattr(model, "generate"):
-        raise ValueError(f"{model_path} is a {fam} model; captioning needs a caption or pretrain checkpoint")
+    blip.check_family(model.config.family, "filter" if task == "retrieval" else "captioner", model_path)
     ds = read_eval_set(data, model.config.vision.image_size, max_samples, require_text=gt is None)
     if task == "retrieval":
         res = retrieval_eval(model, ds["images"], ds["texts"], k_test, batch_size)
