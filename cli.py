@@ -63,6 +63,20 @@ def device_options(device: str | None = "auto", dtype: str | None = "float32") -
     return decorate
 
 
+def decoding_option(name: str, flag: str | None = None, param: str | None = None, **kw: Any) -> Callable[..., Any]:
+    """A click option for one blip.GenerationConfig field: its range from GenerationConfig.RANGES (one table for
+    caption, eval, vqa and run), its default GenerationConfig's unless the command gives its own (None: not given,
+    the config's value)."""
+    from blip.generation import GenerationConfig
+
+    low, high, low_open = GenerationConfig.RANGES[name]
+    kind = click.FloatRange if isinstance(low, float) else click.IntRange
+    kw.setdefault("default", getattr(GenerationConfig(), name))
+    kw.setdefault("show_default", kw["default"] is not None)
+    flag = flag or "--" + name.replace("_", "-")
+    return click.option(flag, param or name, type=kind(min=low, max=high, min_open=low_open), **kw)
+
+
 def storage_options_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`--storage-options JSON` -> `storage_options` (a dict, or None); bad JSON is one `error:` line."""
 
@@ -181,16 +195,10 @@ def warmup_vision(config: str, set_items: tuple[str, ...], **kw: Any) -> None:
 )
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--max-samples", type=click.IntRange(min=1), default=None)
-@click.option("--num-beams", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--max-length", type=click.IntRange(min=1), default=20, show_default=True, help="Counts the prompt.")
-@click.option("--min-length", type=click.IntRange(min=0), default=5, show_default=True)
-@click.option(
-    "--repetition-penalty",
-    type=click.FloatRange(min=1.0),
-    default=1.0,
-    show_default=True,
-    help="Beam search repetition penalty (the original's NoCaps eval: 1.1).",
-)
+@decoding_option("num_beams")
+@decoding_option("max_length", help="Counts the prompt.")
+@decoding_option("min_length")
+@decoding_option("repetition_penalty", help="Beam search repetition penalty (the original's NoCaps eval: 1.1).")
 @click.option(
     "--ground-truth",
     default=None,
@@ -377,13 +385,8 @@ def report(
     required=True,
     help="Captioner: our folder, an original .pth, a transformers folder or a hub id.",
 )
-@click.option("--beam", type=click.IntRange(min=1), default=None, help="Beam search with N beams. [default: 3]")
-@click.option(
-    "--top-p",
-    type=click.FloatRange(0.0, 1.0, min_open=True),
-    default=None,
-    help="Nucleus sampling instead of beam search (0.9 in the paper).",
-)
+@decoding_option("num_beams", "--beam", "beam", default=None, help="Beam search with N beams. [default: 3]")
+@decoding_option("top_p", default=None, help="Nucleus sampling instead of beam search (0.9 in the paper).")
 @click.option(
     "--num-captions",
     type=click.IntRange(min=1),
@@ -392,20 +395,8 @@ def report(
     help="Captions per image (with --top-p).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed (per image: seed + index).")
-@click.option(
-    "--max-length",
-    type=click.IntRange(min=2),
-    default=20,
-    show_default=True,
-    help="Tokens incl. the 4-token prompt, as the original.",
-)
-@click.option(
-    "--min-length",
-    type=click.IntRange(min=0),
-    default=5,
-    show_default=True,
-    help="Tokens incl. the prompt, as the original.",
-)
+@decoding_option("max_length", help="Tokens incl. the 4-token prompt, as the original.")
+@decoding_option("min_length", help="Tokens incl. the prompt, as the original.")
 @device_options()
 @tokenizer_option
 @friendly_errors
@@ -467,9 +458,9 @@ def score(
 @click.option(
     "--k", type=click.IntRange(min=1), default=128, show_default=True, help="Candidates re-scored (--answers)."
 )
-@click.option("--beam", type=click.IntRange(min=1), default=3, show_default=True, help="Beams when generating.")
-@click.option("--max-length", type=click.IntRange(min=2), default=10, show_default=True, help="Tokens incl. [DEC].")
-@click.option("--min-length", type=click.IntRange(min=0), default=1, show_default=True)
+@decoding_option("num_beams", "--beam", "beam", help="Beams when generating.")
+@decoding_option("max_length", default=10, help="Tokens incl. [DEC] (the original's VQA: 10).")
+@decoding_option("min_length", default=1, help="(the original's VQA: 1)")
 @click.option(
     "--attend-question-padding",
     is_flag=True,
@@ -541,7 +532,10 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
     "--address", default=None, help="Join this Ray cluster ('auto' or host:port); default: Ray in this process."
 )
 @click.option("--num-captions", type=int, default=None, help="Synthetic captions per image.")
-@click.option("--top-p", type=float, default=None, help="Nucleus sampling p.")
+@decoding_option("top_p", default=None, help="Nucleus sampling p. [default: from the config, 0.9]")
+@decoding_option("max_length", default=None, help="Caption tokens incl. the prompt. [default: from the config, 20]")
+@decoding_option("min_length", default=None, help="[default: from the config, 5]")
+@decoding_option("repetition_penalty", default=None, help="[default: from the config, 1.1 as the original's sampling]")
 @click.option("--threshold", type=float, default=None, help="Keep a text when its ITM match probability >= this.")
 @click.option("--batch-size", type=int, default=None, help="Images per model batch.")
 @click.option(

@@ -8,6 +8,7 @@ from typing import Any
 # lazy exports: `import blip` stays cheap (no torch / transformers until a name is used)
 _EXPORTS = {
     "BlipConfig": "blip.config",
+    "GenerationConfig": "blip.generation",
     "preprocess": "blip.image",
     "build_tokenizer": "blip.tokenizer",
     "write_vocab": "blip.tokenizer",

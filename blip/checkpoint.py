@@ -209,18 +209,20 @@ def load_state_dict_checked(
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
 
 
-ROLES = {  # the families that can serve each role: a pretrain checkpoint has the captioner's and the filter's heads
-    "captioner": ("caption", "pretrain"),
-    "filter": ("retrieval", "pretrain"),
-    "vqa": ("vqa",),
+# role -> (what it is called, the families that can serve it): a pretrain checkpoint has the captioner's and filter's heads
+ROLES = {
+    "captioner": ("a captioner", ("caption", "pretrain")),
+    "filter": ("a filter", ("retrieval", "pretrain")),
+    "vqa": ("question answering", ("vqa",)),
 }
 
 
 def check_family(family: str, role: str, source: str) -> None:
     """The one rule for which checkpoint can serve a role (`capfilt run`'s models, eval, caption/score/vqa)."""
-    allowed = ROLES[role]
+    what, allowed = ROLES[role]
     if family not in allowed:
-        raise ValueError(f"{source} is a {family} model; a {role} must be a {' or '.join(allowed)} model")
+        need = " or ".join(allowed)
+        raise ValueError(f"{source} is a {family} model (a {family!r} checkpoint); {what} needs a {need} model")
 
 
 def transfer_weights(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, list[str]]:

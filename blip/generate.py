@@ -29,9 +29,13 @@ cache rows in place. `use_cache=False` recomputes the whole prefix each step (th
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from blip.generation import GenerationConfig
 
 NEG_INF = -float("inf")
 # names the sampling noise, for run manifests: which draws made the captions (bump on any change of the draws)
@@ -299,13 +303,8 @@ def generate_ids(
     prompt: torch.Tensor,
     eos_token_id: int,
     pad_token_id: int,
-    sample: bool = False,
-    num_beams: int = 3,
-    max_length: int = 20,
-    min_length: int = 5,
-    top_p: float = 0.9,
-    top_k: int = 50,
-    repetition_penalty: float = 1.0,
+    generation: GenerationConfig | None = None,
+    *,
     num_return: int = 1,
     seeds: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
@@ -314,13 +313,19 @@ def generate_ids(
     use_cache: bool = True,
     encoder_attention_mask: torch.Tensor | None = None,
     compile: str = "auto",
+    **options: Any,
 ) -> torch.Tensor:
     """encoder_states (B, L, Dv), prompt (B, T0) -> ids (B * num_return, T) (beam search: num_return must be 1).
 
-    Sampling seeds: `seeds` (B,) int64, one per image (caption c of image i draws from (seeds[i], c) alone, whatever
-    else is in the batch); without them, B seeds are drawn from `generator` (or torch's global generator), so the
-    captions then depend on the batch. `compile`: "auto" | "off" | "on" (see `resolve_compile`).
+    The decoding options are `generation` (default: GenerationConfig()) with `options` (its field names: sample,
+    num_beams, max_length, ...) replacing some. Sampling seeds: `seeds` (B,) int64, one per image (caption c of
+    image i draws from (seeds[i], c) alone, whatever else is in the batch); without them, B seeds are drawn from
+    `generator` (or torch's global generator), so the captions then depend on the batch. `compile`: "auto" | "off"
+    | "on" (see `resolve_compile`).
     """
+    g = replace(generation or GenerationConfig(), **options)
+    sample, num_beams, max_length, min_length = g.sample, g.num_beams, g.max_length, g.min_length
+    top_p, top_k, repetition_penalty = g.top_p, g.top_k, g.repetition_penalty
     B = encoder_states.shape[0]
     device = encoder_states.device
     compiled = resolve_compile(compile, device)

@@ -10,6 +10,8 @@ E ITC embedding size, nh heads, hd head size, V vocabulary.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.generate import generate_ids as _generate_ids
+from blip.generation import GenerationConfig
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Vision: ViT-B/16 or ViT-L/16, pre-norm, [CLS] token, learned position embeddings
@@ -489,25 +492,23 @@ class CaptionMixin:
     def generate_ids(
         self,
         pixel_values: torch.Tensor,
-        sample: bool = False,
-        num_beams: int = 3,
-        max_length: int = 20,
-        min_length: int = 5,
-        top_p: float = 0.9,
-        top_k: int = 50,
-        repetition_penalty: float = 1.0,
+        generation: GenerationConfig | None = None,
+        *,
         num_captions: int = 1,
         seeds: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         beam_length: str = "original",
         use_cache: bool = True,
         compile: str = "auto",
+        **options: Any,
     ) -> torch.Tensor:
         """Token ids (B * num_captions, T) including [DEC] + prompt; lengths count the prompt (as the original).
 
-        Sampling: `seeds` (B,) int64, one per image, makes an image's captions independent of its batch; otherwise
-        seeds are drawn from `generator` (or the global one). `compile`: "auto" (on for CUDA) | "off" | "on", the
-        decode step under torch.compile. See blip.generate.generate_ids.
+        Decoding options: `generation` (default GenerationConfig(): the original's beam search) with `options` (its
+        field names: sample=True, top_p=0.9, max_length=20, ...) replacing some. Sampling: `seeds` (B,) int64, one
+        per image, makes an image's captions independent of its batch; otherwise seeds are drawn from `generator`
+        (or the global one). `compile`: "auto" (on for CUDA) | "off" | "on", the decode step under torch.compile.
+        See blip.generate.generate_ids.
         """
         image_embeds = self.encode_image(pixel_values)
         prompt = self.prompt_ids(image_embeds.shape[0])
@@ -517,27 +518,30 @@ class CaptionMixin:
             prompt,
             eos_token_id=self.config.text.sep_token_id,
             pad_token_id=self.config.text.pad_token_id,
-            sample=sample,
-            num_beams=num_beams,
-            max_length=max_length,
-            min_length=min_length,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
+            generation=generation,
             num_return=num_captions,
             seeds=seeds,
             generator=generator,
             beam_length=beam_length,
             use_cache=use_cache,
             compile=compile,
+            **options,
         )
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, num_captions: int = 1, **kwargs) -> list[list[str]]:
+    def generate(
+        self,
+        pixel_values: torch.Tensor,
+        num_captions: int = 1,
+        generation: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> list[list[str]]:
         """Captions per image (prompt stripped), `num_captions` each. See `generate_ids` for the arguments."""
-        if not kwargs.get("sample", False) and num_captions != 1:
+        options = {k: kwargs.pop(k) for k in GenerationConfig.pick(kwargs)}
+        g = replace(generation or GenerationConfig(), **options)
+        if not g.sample and num_captions != 1:
             raise ValueError("beam search returns one caption per image; use sample=True for several")
-        ids = self.generate_ids(pixel_values, num_captions=num_captions, **kwargs)
+        ids = self.generate_ids(pixel_values, g, num_captions=num_captions, **kwargs)
         texts = self._need_tokenizer().batch_decode(ids, skip_special_tokens=True)
         n = len(self.config.prompt)  # the original strips the prompt by characters
         return [[t[n:].strip() for t in texts[i : i + num_captions]] for i in range(0, len(texts), num_captions)]
@@ -955,10 +959,7 @@ class BlipVQA(BlipBase):
             bos,
             eos_token_id=self.config.text.sep_token_id,
             pad_token_id=self.config.text.pad_token_id,
-            sample=False,
-            num_beams=num_beams,
-            max_length=max_length,
-            min_length=min_length,
+            generation=GenerationConfig(num_beams=num_beams, max_length=max_length, min_length=min_length),
             encoder_attention_mask=None if attend_question_padding else q_mask,
         )
         return [a.strip() for a in self._need_tokenizer().batch_decode(ids, skip_special_tokens=True)]

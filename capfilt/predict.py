@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from blip.generation import GenerationConfig
 from blip.image import normalize
 from capfilt.decode import DecodeError, decode_image
 from capfilt.stages import resolve_device, resolve_dtype
@@ -53,8 +54,8 @@ def caption_files(
     top_p: float | None = None,
     num_captions: int = 1,
     seed: int = 0,
-    max_length: int = 20,
-    min_length: int = 5,
+    max_length: int = GenerationConfig.max_length,
+    min_length: int = GenerationConfig.min_length,
     device: str = "auto",
     dtype: str = "float32",
     tokenizer_path: str | None = None,
@@ -66,24 +67,19 @@ def caption_files(
         raise ValueError("choose beam search (--beam) or nucleus sampling (--top-p), not both")
     if top_p is None and num_captions != 1:
         raise ValueError("several captions per image need sampling: add --top-p (0.9 in the paper)")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+    lengths = {"max_length": max_length, "min_length": min_length}
+    if top_p is not None:  # validated here, before the model loads
+        gen = GenerationConfig.nucleus(top_p, **lengths)
+    else:
+        gen = GenerationConfig(**lengths, **({"num_beams": beam} if beam is not None else {}))
     model = _load(model_path, "captioner", device, dtype, tokenizer_path)
     size = model.config.vision.image_size
     uint8 = read_images(images, size)  # every file is checked before any work is done
     results: list[tuple[str, list[str]]] = []
     for start in range(0, len(images), batch_size):
         pixels = _pixels(model, uint8[start : start + batch_size])
-        if top_p is None:
-            caps = model.generate(
-                pixels, sample=False, num_beams=beam or 3, max_length=max_length, min_length=min_length
-            )
-        else:
-            seeds = seed + start + torch.arange(len(pixels))  # (B,): image i of the list is seeded by seed + i
-            caps = model.generate(
-                pixels, sample=True, top_p=top_p, num_captions=num_captions, max_length=max_length,
-                min_length=min_length, repetition_penalty=1.1, seeds=seeds,
-            )  # fmt: skip
+        seeds = seed + start + torch.arange(len(pixels))  # (B,): image i of the list is seeded by seed + i
+        caps = model.generate(pixels, num_captions if gen.sample else 1, gen, seeds=seeds if gen.sample else None)
         results += zip(images[start : start + batch_size], caps)
     return results
 

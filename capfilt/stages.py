@@ -18,12 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from blip.generation import GenerationConfig
 from blip.image import normalize
 from capfilt.decode import stack_pixels
 from capfilt.schema import RESULT_COLUMNS, SampleResult
 from capfilt.seeds import stable_seed
 
 # the one table of model dtypes (capfilt run, caption, score, vqa)
+_NUCLEUS = GenerationConfig.nucleus()  # CapFilt's captions: the original's sampling path
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -93,10 +95,12 @@ class CapFiltSettings:
     captioner: str = "Salesforce/blip-image-captioning-large"  # checkpoint path or hub id (blip.load)
     filter: str = "Salesforce/blip-itm-large-coco"
     num_captions: int = 1
-    top_p: float = 0.9
-    max_length: int = 20  # counts the prompt tokens, as the original
-    min_length: int = 5
-    repetition_penalty: float = 1.1  # the original's nucleus path hard-codes 1.1
+    # the captioner's decoding: the original's nucleus sampling (blip.GenerationConfig.nucleus), options and ranges
+    # declared there; lengths count the prompt tokens, as the original
+    top_p: float = _NUCLEUS.top_p
+    max_length: int = _NUCLEUS.max_length
+    min_length: int = _NUCLEUS.min_length
+    repetition_penalty: float = _NUCLEUS.repetition_penalty
     threshold: float = 0.5
     device: str = "auto"
     dtype: str = "auto"  # bfloat16 on GPU, float32 on CPU
@@ -108,14 +112,12 @@ class CapFiltSettings:
     def validate(self) -> None:
         checks = [
             (self.num_captions >= 0, f"num_captions must be >= 0, got {self.num_captions}"),
-            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (
-                0 <= self.min_length < self.max_length,
-                f"need 0 <= min_length < max_length, got {self.min_length}, {self.max_length}",
+                self.min_length < self.max_length,  # a caption must be able to end
+                f"need min_length < max_length, got {self.min_length}, {self.max_length}",
             ),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
             (self.text_max_length >= 2, f"text_max_length must be >= 2, got {self.text_max_length}"),
             (
                 self.dtype in ("auto", *DTYPES),
@@ -126,9 +128,15 @@ class CapFiltSettings:
                 f"compile must be 'auto', 'off' or 'on', got {self.compile!r}",
             ),
         ]
+        _ = self.generation  # the decoding options in their ranges: GenerationConfig validates them once built
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    @property
+    def generation(self) -> GenerationConfig:
+        """The captioner's decoding options."""
+        return GenerationConfig.nucleus(**GenerationConfig.pick(vars(self)))
 
     def stage_settings(self) -> dict[str, Any]:
         """Just the CapFiltSettings fields (of a subclass such as RunSettings), as CapFiltStage keyword arguments."""
@@ -203,12 +211,8 @@ class CapFiltStage(CapFiltSettings):
             seeds = torch.tensor([stable_seed(self.seed, k) for k in keys], dtype=torch.long)  # (B,)
             caps = self.cap_model.generate(
                 self._pixels_for(x, self.cap_model),
-                sample=True,
-                num_captions=self.num_captions,
-                top_p=self.top_p,
-                max_length=self.max_length,
-                min_length=self.min_length,
-                repetition_penalty=self.repetition_penalty,
+                self.num_captions,
+                self.generation,
                 seeds=seeds,
                 compile=self.compile,
             )
