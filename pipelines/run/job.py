@@ -1,7 +1,7 @@
 """`capfilt run`: CapFilt over img2dataset shards on Ray; workers write their shards, the driver only schedules.
 
     driver: list shards, check both models, skip done shards  --(one shard descriptor per call)-->
-    a fixed pool of CapFilt actors (one per GPU, or CPU actors), each: read + decode threads -> model batches ->
+    a pool of CapFilt actors (scheduler.py: fixed or elastic; one per GPU, or CPU actors), each: read + decode -> model ->
         parquet + tar of the shard -> `_state/{shard}.json` last (the commit point)  --(one small record)--> driver
 
 The unit of work is one input shard (as img2dataset's distributor): the driver hands shard descriptors to the
