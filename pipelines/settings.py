@@ -3,10 +3,9 @@
 `Settings`: the base of every command's settings dataclass (RunSettings, SelectSettings, TrainSettings,
 WarmupSettings, BootstrapSettings). `Cls.load(preset, **overrides)`: a YAML preset + flag overrides (None = not
 given), unknown keys refused, numbers coerced; constructing the dataclass (by load or in code) then runs its
-`resolve_paths()` and `validate()`, once. Paths are made absolute here, at the config/CLI
-boundary, in the process that read them: Ray workers (Ray Train ranks, Ray Data tasks, the CapFilt actors) do not
-run in the user's working directory. URLs (`s3://...`, `gs://...`) and Hugging Face hub ids
-(`Salesforce/blip-itm-base-coco`) are left alone.
+`resolve_paths()` and `validate()`, once. Paths are made absolute here, at the config/CLI boundary, in the process
+that read them: Ray workers (Ray Train ranks, Ray Data tasks, the CapFilt actors) do not run in the user's working
+directory. URLs (`s3://...`, `gs://...`) and Hugging Face hub ids (`Salesforce/blip-itm-base-coco`) are left alone.
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ class Settings:
     makes paths absolute and validates, once, in the process that built it: a worker gets the object, not its
     fields again."""
 
-    PRESET: ClassVar[str | None] = (
-        None  # the preset `load()` reads when given none (a name in configs/); None: defaults
-    )
+    # the preset `load()` reads when given none (a name in configs/); None: the fields' defaults
+    PRESET: ClassVar[str | None] = None
 
     def __post_init__(self) -> None:
         self.resolve_paths()
