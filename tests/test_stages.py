@@ -141,5 +141,5 @@ def test_images_matter(models):
 
 
 def test_wrong_family_is_a_clear_error(models):
-    with pytest.raises(ValueError, match="no .generate"):
+    with pytest.raises(ValueError, match="a captioner needs a caption or pretrain model"):
         _stage((models[1], models[1]))
