@@ -217,12 +217,13 @@ ROLES = {
 }
 
 
-def check_family(family: str, role: str, source: str) -> None:
-    """The one rule for which checkpoint can serve a role (`capfilt run`'s models, eval, caption/score/vqa)."""
+def check_family(family: str, role: str, source: str, task: str | None = None) -> None:
+    """The one rule for which checkpoint can serve a role (`capfilt run`'s models and CapFiltStage, eval,
+    caption/score/vqa): a ValueError naming `source`, its family and the families `task` (default: the role) needs."""
     what, allowed = ROLES[role]
     if family not in allowed:
         need = " or ".join(allowed)
-        raise ValueError(f"{source} is a {family} model (a {family!r} checkpoint); {what} needs a {need} model")
+        raise ValueError(f"{source} is a {family} model (a {family!r} checkpoint); {task or what} needs a {need} model")
 
 
 def transfer_weights(model: nn.Module, sd: dict[str, Tensor]) -> dict[str, list[str]]:

@@ -32,12 +32,12 @@ def read_images(paths: list[str], image_size: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _load(model_path: str, role: str, device: str, dtype: str, tokenizer_path: str | None):
+def _load(model_path: str, role: str, task: str, device: str, dtype: str, tokenizer_path: str | None):
     import blip
 
     dev = resolve_device(device)
     model = blip.load(model_path, device=dev, dtype=resolve_dtype(dtype, dev), tokenizer_path=tokenizer_path)
-    blip.check_family(model.config.family, role, model_path)
+    blip.check_family(model.config.family, role, model_path, task)
     return model
 
 
@@ -72,7 +72,7 @@ def caption_files(
         gen = GenerationConfig.nucleus(top_p, **lengths)
     else:
         gen = GenerationConfig(**lengths, **({"num_beams": beam} if beam is not None else {}))
-    model = _load(model_path, "captioner", device, dtype, tokenizer_path)
+    model = _load(model_path, "captioner", "captioning", device, dtype, tokenizer_path)
     size = model.config.vision.image_size
     uint8 = read_images(images, size)  # every file is checked before any work is done
     results: list[tuple[str, list[str]]] = []
@@ -102,7 +102,7 @@ def score_file(
         raise ValueError("give at least one TEXT to score")
     if first_token not in ("enc", "cls"):
         raise ValueError(f"first token must be 'enc' or 'cls', got {first_token!r}")
-    model = _load(model_path, "filter", device, dtype, tokenizer_path)
+    model = _load(model_path, "filter", "scoring", device, dtype, tokenizer_path)
     pixels = _pixels(model, read_images([image], model.config.vision.image_size))
     itm, itc = model.score(pixels, [texts], first_token=first_token)
     return list(zip(texts, itm[0], itc[0]))
@@ -148,7 +148,7 @@ def answer_file(
     if not questions:
         raise ValueError("give at least one QUESTION")
     answer_list = read_answer_list(answers_path) if answers_path is not None else None
-    model = _load(model_path, "vqa", device, dtype, tokenizer_path)
+    model = _load(model_path, "vqa", "question answering", device, dtype, tokenizer_path)
     pixels = _pixels(model, read_images([image], model.config.vision.image_size)).expand(len(questions), -1, -1, -1)
     if answer_list is not None:
         answers = [answer_list[i] for i in model.rank_answers(pixels, questions, answer_list, k=k)]

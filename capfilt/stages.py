@@ -173,14 +173,13 @@ class CapFiltStage(CapFiltSettings):
         self.validate()
         self._device = resolve_device(self.device)
         self._dtype = resolve_dtype(self.dtype, self._device)
-        if self.cap_model is None or self.filt_model is None:
-            from blip import load
+        from blip import check_family, load
 
+        if self.cap_model is None or self.filt_model is None:
             self.cap_model = load(self.captioner, device=str(self._device), dtype=self._dtype)
             self.filt_model = load(self.filter, device=str(self._device), dtype=self._dtype)
-        for name, m, need in (("captioner", self.cap_model, "generate"), ("filter", self.filt_model, "score")):
-            if not hasattr(m, need):
-                raise ValueError(f"{name} is a {type(m).__name__}, which has no .{need}(); wrong checkpoint family?")
+        for role, spec, m in (("captioner", self.captioner, self.cap_model), ("filter", self.filter, self.filt_model)):
+            check_family(m.config.family, role, f"{role} {spec!r}")
         self.cap_model = self.cap_model.to(self._device, self._dtype).eval()
         self.filt_model = self.filt_model.to(self._device, self._dtype).eval()
 

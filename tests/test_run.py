@@ -1,6 +1,6 @@
 """`capfilt run` end to end on local Ray with tiny random models, plus its shard I/O and config checks.
 
-Ray tests take ~20-60 s each on 2 shared cores (Ray Data start-up + model loading in the actor dominate).
+Ray tests take ~20-60 s each on 2 shared cores (Ray start-up + model loading in the actors dominate).
 """
 
 from __future__ import annotations

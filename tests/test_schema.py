@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import capfilt.stages
+from blip import save_pretrained
 from blip.config import BlipConfig
 from blip.model import MODEL_CLASSES, init_weights
 from blip.tokenizer import build_tokenizer
@@ -40,24 +41,17 @@ def models(tiny_vocab_dir) -> tuple[torch.nn.Module, torch.nn.Module]:
     return out[0], out[1]
 
 
-class _InMemory(ShardProcessor):
-    """The worker around already-built models."""
-
-    models: tuple = ()
-
-    def make_stage(self, cls: type) -> capfilt.stages.CapFiltStage:
-        return cls.from_models(*self.models, **self.stage_settings)
-
-
 @pytest.fixture(scope="module")
 def output(models, tmp_path_factory) -> str:
-    """A worker's outputs for a synthetic shard and a shard of hostile images (decode errors, repeated keys, ...)."""
+    """A worker's outputs for a synthetic shard and a shard of hostile images (decode errors, repeated keys, ...);
+    the worker loads the models from their folders, as in a run."""
     root = tmp_path_factory.mktemp("schema")
     write_corpus(str(root / "input"), samples=6, noise=0.5, seed=3, image_size=64, samples_per_shard=6)
     make_bad_corpus(str(root / "bad"), seed=3, image_size=64)
     shutil.copy(root / "bad" / "00000.tar", root / "input" / "00001.tar")
-    processor = _InMemory(STAGE, WorkerSettings(output=str(root / "out"), storage_options={}, image_size=64))
-    processor.models = models
+    cap, filt = (str(save_pretrained(m, root / name)) for m, name in zip(models, ("captioner", "filter")))
+    stage = {**STAGE, "captioner": cap, "filter": filt}
+    processor = ShardProcessor(stage, WorkerSettings(output=str(root / "out"), storage_options={}, image_size=64))
     processor.setup()
     for shard in list_shards(str(root / "input")):
         processor(shard)

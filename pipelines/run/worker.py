@@ -63,7 +63,7 @@ class ShardProcessor:
         if self.settings.torch_threads:
             torch.set_num_threads(self.settings.torch_threads)
         allow_max_pixels(self.settings.max_pixels)
-        self.stage = self.make_stage(CapFiltStage)
+        self.stage = CapFiltStage(**self.stage_settings)
         self.stage.setup()
         self.model_lock = threading.Lock()
         # one shard is read at a time: the next call's reader starts when the current one has read its shard (its
@@ -72,9 +72,6 @@ class ShardProcessor:
         self.pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="decode")
         self.fs, root = fsspec.core.url_to_fs(self.settings.output, **self.settings.storage_options)
         self.root = root.rstrip("/")
-
-    def make_stage(self, cls: type) -> Any:
-        return cls(**self.stage_settings)
 
     def __call__(self, shard: Shard, attempt: int = 0) -> dict[str, Any]:
         """Process one shard end to end; returns its state record (also written to `_state/{shard}.json`).

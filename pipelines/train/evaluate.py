@@ -237,7 +237,8 @@ def evaluate(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     model = load_model(model_path, device)
-    blip.check_family(model.config.family, "filter" if task == "retrieval" else "captioner", model_path)
+    role, what = {"retrieval": ("filter", "retrieval"), "caption": ("captioner", "captioning")}[task]
+    blip.check_family(model.config.family, role, model_path, what)
     ds = read_eval_set(data, model.config.vision.image_size, max_samples, require_text=gt is None)
     if task == "retrieval":
         res = retrieval_eval(model, ds["images"], ds["texts"], k_test, batch_size)
