@@ -63,15 +63,25 @@ def device_options(device: str | None = "auto", dtype: str | None = "float32") -
     return decorate
 
 
-def decoding_option(name: str, flag: str | None = None, param: str | None = None, **kw: Any) -> Callable[..., Any]:
+FROM_CONFIG = "from the config, "  # `capfilt run`'s options: None (not given) keeps the YAML config's value
+
+
+def decoding_option(
+    name: str, flag: str | None = None, param: str | None = None, preset: str = "", unset: str | None = None, **kw: Any
+) -> Callable[..., Any]:
     """A click option for one blip.GenerationConfig field: its range from GenerationConfig.RANGES (one table for
-    caption, eval, vqa and run), its default GenerationConfig's unless the command gives its own (None: not given,
-    the config's value)."""
+    caption, eval, vqa and run), its default GenerationConfig's, or `preset`'s (a GenerationConfig constructor:
+    "nucleus", "vqa"). `unset` (e.g. "from the config, "): the option defaults to None (not given) and its help
+    ends with `[default: <unset><the value>]`."""
     from blip.generation import GenerationConfig
 
     low, high, low_open = GenerationConfig.RANGES[name]
     kind = click.FloatRange if isinstance(low, float) else click.IntRange
-    kw.setdefault("default", getattr(GenerationConfig(), name))
+    value = getattr(getattr(GenerationConfig, preset)() if preset else GenerationConfig(), name)
+    if unset is not None:
+        kw["default"] = None
+        kw["help"] = " ".join(filter(None, (kw.get("help"), f"[default: {unset}{value}]")))
+    kw.setdefault("default", value)
     kw.setdefault("show_default", kw["default"] is not None)
     flag = flag or "--" + name.replace("_", "-")
     return click.option(flag, param or name, type=kind(min=low, max=high, min_open=low_open), **kw)
@@ -385,7 +395,7 @@ def report(
     required=True,
     help="Captioner: our folder, an original .pth, a transformers folder or a hub id.",
 )
-@decoding_option("num_beams", "--beam", "beam", default=None, help="Beam search with N beams. [default: 3]")
+@decoding_option("num_beams", "--beam", "beam", unset="", help="Beam search with N beams.")
 @decoding_option("top_p", default=None, help="Nucleus sampling instead of beam search (0.9 in the paper).")
 @click.option(
     "--num-captions",
@@ -458,9 +468,9 @@ def score(
 @click.option(
     "--k", type=click.IntRange(min=1), default=128, show_default=True, help="Candidates re-scored (--answers)."
 )
-@decoding_option("num_beams", "--beam", "beam", help="Beams when generating.")
-@decoding_option("max_length", default=10, help="Tokens incl. [DEC] (the original's VQA: 10).")
-@decoding_option("min_length", default=1, help="(the original's VQA: 1)")
+@decoding_option("num_beams", "--beam", "beam", preset="vqa", help="Beams when generating.")
+@decoding_option("max_length", preset="vqa", help="Tokens incl. [DEC], as the original's VQA.")
+@decoding_option("min_length", preset="vqa", help="As the original's VQA.")
 @click.option(
     "--attend-question-padding",
     is_flag=True,
@@ -532,10 +542,10 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
     "--address", default=None, help="Join this Ray cluster ('auto' or host:port); default: Ray in this process."
 )
 @click.option("--num-captions", type=int, default=None, help="Synthetic captions per image.")
-@decoding_option("top_p", default=None, help="Nucleus sampling p. [default: from the config, 0.9]")
-@decoding_option("max_length", default=None, help="Caption tokens incl. the prompt. [default: from the config, 20]")
-@decoding_option("min_length", default=None, help="[default: from the config, 5]")
-@decoding_option("repetition_penalty", default=None, help="[default: from the config, 1.1 as the original's sampling]")
+@decoding_option("top_p", preset="nucleus", unset=FROM_CONFIG, help="Nucleus sampling p.")
+@decoding_option("max_length", preset="nucleus", unset=FROM_CONFIG, help="Caption tokens incl. the prompt.")
+@decoding_option("min_length", preset="nucleus", unset=FROM_CONFIG)
+@decoding_option("repetition_penalty", preset="nucleus", unset=FROM_CONFIG, help="As the original's sampling.")
 @click.option("--threshold", type=float, default=None, help="Keep a text when its ITM match probability >= this.")
 @click.option("--batch-size", type=int, default=None, help="Images per model batch.")
 @click.option(

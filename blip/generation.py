@@ -2,9 +2,9 @@
 
 The defaults are those of the original `BLIP_Decoder.generate` call in its captioning configs (beam search, 3 beams,
 lengths 20 / 5 counting the prompt) and of the transformers generation it relied on (top_k 50). CapFilt's nucleus
-sampling overrides `sample`, `top_p` and `repetition_penalty` (the original's sampling path hard-codes 1.1).
-`model.generate`, CapFiltSettings and the CLI's `caption`, `eval` and `run` options all take their defaults and
-checks from here.
+sampling overrides `sample`, `top_p` and `repetition_penalty` (the original's sampling path hard-codes 1.1), VQA's
+generated answers the lengths (`nucleus()`, `vqa()`). `model.generate`, `model.answer`, CapFiltSettings and the CLI's
+`caption`, `eval`, `vqa` and `run` options all take their defaults and checks from here.
 """
 
 from __future__ import annotations
@@ -41,6 +41,12 @@ class GenerationConfig:
         """The original's sampling path (`sample=True` in BLIP_Decoder.generate, as CapFilt captions): nucleus
         sampling with its hard-coded repetition penalty 1.1."""
         return cls(**{"sample": True, "top_p": top_p, "repetition_penalty": 1.1, **options})
+
+    @classmethod
+    def vqa(cls, **options: Any) -> GenerationConfig:
+        """The original VQA's generated answers (`inference="generate"` in BLIP_VQA): beam search from [DEC] on the
+        question states, lengths 10 / 1 counting [DEC]."""
+        return cls(**{"max_length": 10, "min_length": 1, **options})
 
     def validate(self) -> None:
         """Each option in its range. min_length > max_length is allowed here (the end token is then never allowed

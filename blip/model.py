@@ -23,6 +23,8 @@ from blip.config import BlipConfig, TextConfig, VisionConfig
 from blip.generate import generate_ids as _generate_ids
 from blip.generation import GenerationConfig
 
+_VQA = GenerationConfig.vqa()  # BlipVQA.answer's defaults: the original VQA's generated answers
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Vision: ViT-B/16 or ViT-L/16, pre-norm, [CLS] token, learned position embeddings
 
@@ -940,9 +942,9 @@ class BlipVQA(BlipBase):
         self,
         pixel_values: torch.Tensor,
         questions: list[str],
-        num_beams: int = 3,
-        max_length: int = 10,
-        min_length: int = 1,
+        num_beams: int = _VQA.num_beams,
+        max_length: int = _VQA.max_length,
+        min_length: int = _VQA.min_length,
         attend_question_padding: bool = False,
     ) -> list[str]:
         """Generated answers (the original's `inference="generate"`): beam search from [DEC] on the question states.
@@ -959,7 +961,7 @@ class BlipVQA(BlipBase):
             bos,
             eos_token_id=self.config.text.sep_token_id,
             pad_token_id=self.config.text.pad_token_id,
-            generation=GenerationConfig(num_beams=num_beams, max_length=max_length, min_length=min_length),
+            generation=GenerationConfig.vqa(num_beams=num_beams, max_length=max_length, min_length=min_length),
             encoder_attention_mask=None if attend_question_padding else q_mask,
         )
         return [a.strip() for a in self._need_tokenizer().batch_decode(ids, skip_special_tokens=True)]

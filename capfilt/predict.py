@@ -17,6 +17,8 @@ from blip.image import normalize
 from capfilt.decode import DecodeError, decode_image
 from capfilt.stages import resolve_device, resolve_dtype
 
+_VQA = GenerationConfig.vqa()  # `capfilt vqa`'s generated answers: the original's
+
 
 def read_images(paths: list[str], image_size: int) -> torch.Tensor:
     """Image files -> (B, S, S, 3) uint8; a missing or unreadable file is an error naming it."""
@@ -135,9 +137,9 @@ def answer_file(
     model_path: str,
     answers_path: str | None = None,
     k: int = 128,
-    num_beams: int = 3,
-    max_length: int = 10,
-    min_length: int = 1,
+    num_beams: int = _VQA.num_beams,
+    max_length: int = _VQA.max_length,
+    min_length: int = _VQA.min_length,
     attend_question_padding: bool = False,
     device: str = "auto",
     dtype: str = "float32",

@@ -24,8 +24,8 @@ from capfilt.decode import stack_pixels
 from capfilt.schema import RESULT_COLUMNS, SampleResult
 from capfilt.seeds import stable_seed
 
-# the one table of model dtypes (capfilt run, caption, score, vqa)
 _NUCLEUS = GenerationConfig.nucleus()  # CapFilt's captions: the original's sampling path
+# the one table of model dtypes (capfilt run, caption, score, vqa)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -68,3 +68,27 @@ def test_out_of_range_is_refused_by_caption_and_run_alike(tmp_path):
     for args in (["caption", "x.jpg", "--model", "m"], ["run", "--input", "i", "--output", str(tmp_path / "o")]):
         r = CliRunner().invoke(main, [*args, "--top-p", "1.5"])
         assert r.exit_code == 2 and "--top-p" in r.output and "1.5" in r.output, r.output
+
+
+def test_declared_defaults_are_the_presets():
+    """The keyword defaults of the callers and the CLI's defaults are a GenerationConfig's (or a preset's) values."""
+    import inspect
+
+    from blip.model import BlipVQA
+    from capfilt.predict import answer_file, caption_files
+
+    def defaults(fn, names):
+        return {n: inspect.signature(fn).parameters[n].default for n in names}
+
+    lengths = ("max_length", "min_length")
+    vqa = GenerationConfig.vqa()
+    assert (vqa.num_beams, vqa.max_length, vqa.min_length, vqa.sample) == (3, 10, 1, False)  # the original's VQA
+    for fn in (BlipVQA.answer, answer_file):
+        assert defaults(fn, ("num_beams", *lengths)) == {n: getattr(vqa, n) for n in ("num_beams", *lengths)}
+    assert defaults(caption_files, lengths) == {n: getattr(GenerationConfig(), n) for n in lengths}
+    assert [_param("vqa", n).default for n in ("beam", *lengths)] == [3, 10, 1]
+    assert [_param("caption", n).default for n in ("beam", "top_p", *lengths)] == [None, None, 20, 5]
+    run = ("top_p", *lengths, "repetition_penalty")
+    assert [_param("run", n).default for n in run] == [None] * 4  # not given: the YAML config's value
+    nucleus = GenerationConfig.nucleus()
+    assert [f"from the config, {getattr(nucleus, n)}]" in _param("run", n).help for n in run] == [True] * 4
