@@ -87,6 +87,23 @@ def decoding_option(
     return click.option(flag, param or name, type=kind(min=low, max=high, min_open=low_open), **kw)
 
 
+class BatchSize(click.ParamType):
+    """A batch size: a whole number >= 1, or `auto` (measured on the device when the models are loaded)."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if value == "auto" or (isinstance(value, int) and value >= 1):
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither a whole number nor 'auto'", param, ctx)
+        if n < 1:
+            self.fail(f"{n} is not >= 1", param, ctx)
+        return n
+
+
 def storage_options_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`--storage-options JSON` -> `storage_options` (a dict, or None); bad JSON is one `error:` line."""
 
@@ -547,7 +564,13 @@ def convert(src: str, dst: str, tokenizer_path: str | None, family: str | None, 
 @decoding_option("min_length", preset="nucleus", unset=FROM_CONFIG)
 @decoding_option("repetition_penalty", preset="nucleus", unset=FROM_CONFIG, help="As the original's sampling.")
 @click.option("--threshold", type=float, default=None, help="Keep a text when its ITM match probability >= this.")
-@click.option("--batch-size", type=int, default=None, help="Images per model batch.")
+@click.option(
+    "--batch-size",
+    type=BatchSize(),
+    default=None,
+    help="Images per model batch, or auto: the largest that fits each GPU's free memory, measured when its models "
+    "load (32 on CPU).",
+)
 @click.option(
     "--actors",
     default=None,

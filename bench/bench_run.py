@@ -46,8 +46,8 @@ def _tiny_models(root: Path, size: str = "tiny") -> tuple[str, str]:
     return out[0], out[1]
 
 
-def bare_loop(cfg, corpus: str) -> tuple[float, int]:
-    """Seconds spent in CapFiltStage over all samples (decode done beforehand, untimed)."""
+def bare_loop(cfg, corpus: str) -> tuple[float, int, int]:
+    """Seconds spent in CapFiltStage over all samples (decode done beforehand, untimed), samples, batch size."""
     import torch
 
     from capfilt.decode import decode_or_error
@@ -60,7 +60,7 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
         torch.set_num_threads(max(1, int(cfg.actor_cpus)))  # the same threads as one CPU actor
     rows = [r for s in list_shards(corpus) for r in ShardReader(s)]
     decoded = [decode_or_error(r["image"], stage.image_size) for r in rows]
-    n, b = len(rows), cfg.batch_size
+    n, b = len(rows), stage.batch_size  # batch_size auto: what the stage measured
     batches = [stage_batch(rows[i : i + b], decoded[i : i + b], stage.image_size) for i in range(0, n, b)]
     stage(stage_batch(rows[:2], decoded[:2], stage.image_size))  # warm-up (kernels, allocator)
     if stage._device.type == "cuda":
@@ -70,7 +70,7 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int]:
         stage(batch)
     if stage._device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t, n
+    return time.perf_counter() - t, n, b
 
 
 # Runs in a child interpreter whose imports come from `--code` (default: this checkout), so the same measurement can
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny random models (CPU)")
     ap.add_argument("--random-size", choices=["tiny", "base", "large"], help="random models of this preset (GPU check)")
     ap.add_argument("--config", default=None)
-    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=lambda v: v if v == "auto" else int(v), default=None, help="N or auto")
     ap.add_argument("--num-captions", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--workdir", default=None)
@@ -143,7 +143,7 @@ def main() -> None:
         num_captions=args.num_captions, device=args.device, progress=False,
     )  # fmt: skip
 
-    bare_s, n = bare_loop(cfg, big)
+    bare_s, n, batch = bare_loop(cfg, big)
     keys = ("captioner", "filter", "num_captions", "batch_size", "device")
     overrides = {k: getattr(cfg, k) for k in keys}
     code = Path(args.code).resolve()
@@ -157,7 +157,7 @@ def main() -> None:
         "code": str(code),
         "samples": n,
         "shards": args.shards,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size if cfg.batch_size == batch else f"{cfg.batch_size} -> {batch}",
         "num_captions": cfg.num_captions,
         "bare_stage_samples_per_s": round(n / bare_s, 2),
         "capfilt_run_samples_per_s_end_to_end": round(n / r_big["wall"], 2),

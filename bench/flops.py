@@ -92,6 +92,31 @@ def capfilt_flops_per_image(
     )
 
 
+def peak_bytes_per_image(
+    cap_cfg: BlipConfig, filt_cfg: BlipConfig, captions: int = 1, max_length: int = 30, bytes_per: int = 2
+) -> int:
+    """An estimate of CapFilt's inference memory per image (what `batch_size: auto` measures on the device): the
+    larger of the two phases, plus the pixels. Captioner: image tokens, the cross-attention K/V once per image and
+    gathered per caption row, the static self-attention cache, the fp32 logits of a step (three live copies).
+    Filter: the cross K/V per image and gathered per text (web + captions). Either phase: the ViT's largest
+    transient, ~10 token-widths per token (MLP input + 4x hidden + GELU's 4x). SDPA's fused kernels hold no scores."""
+
+    def cross(cfg: BlipConfig) -> int:
+        return cfg.text.layers * 2 * (cfg.vision.num_patches + 1) * cfg.text.hidden_size * bytes_per
+
+    def vit(cfg: BlipConfig) -> int:
+        return 10 * (cfg.vision.num_patches + 1) * cfg.vision.width * bytes_per
+
+    t = cap_cfg.text
+    tokens = (cap_cfg.vision.num_patches + 1) * cap_cfg.vision.width * bytes_per
+    cache = captions * t.layers * 2 * max_length * t.hidden_size * bytes_per
+    logits = captions * 3 * t.vocab_size * 4
+    captioner = max(vit(cap_cfg), tokens + cross(cap_cfg) * (1 + captions) + cache + logits)
+    filt = max(vit(filt_cfg), cross(filt_cfg) * (2 + captions))
+    pixels = 3 * max(cap_cfg.vision.image_size, filt_cfg.vision.image_size) ** 2
+    return max(captioner, filt) + pixels
+
+
 def mfu(flops_per_image: float, images_per_s: float, peak_tflops: float) -> float:
     """Model FLOP utilisation: achieved model FLOP/s over the peak."""
     return flops_per_image * images_per_s / (peak_tflops * 1e12)
@@ -104,5 +129,5 @@ if __name__ == "__main__":
         print(
             f"CapFilt-{size[0].upper()}: ViT {vit_flops(cap) / 1e9:.1f} GFLOP, decoder "
             f"{decoder_flops_per_image(cap) / 1e9:.1f}, filter {filter_flops_per_image(filt) / 1e9:.1f}, "
-            f"total {total / 1e12:.3f} TFLOP/image"
+            f"total {total / 1e12:.3f} TFLOP/image, ~{peak_bytes_per_image(cap, filt) / 2**20:.0f} MB/image bf16"
         )

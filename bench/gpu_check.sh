@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue 25): one command on one GPU machine, <= ~8 minutes, installing nothing beyond
 # `make setup`. Runs the gpu-marked tests, bench_model.py at base and large (bf16, batch 64, ours vs transformers,
-# natural and equal lengths, tokens/s, MFU), bench_run.py on base random models, and writes one summary table and
-# every log under OUT_DIR. A failing or timed-out step is recorded and the script goes on to the table.
+# natural and equal lengths, tokens/s, MFU), bench_memory.py (batch_size auto at base and large: measured memory per
+# image, the pick, the batch-size table for 24-141 GB cards), bench_run.py on base random models (batch_size auto),
+# and writes one summary table and every log under OUT_DIR. A failing or timed-out step is recorded and the script
+# goes on to the table.
 #
 #   bash bench/gpu_check.sh OUT_DIR
 #   CAPFILT_GPU_CHECK_CPU=1 bash bench/gpu_check.sh OUT_DIR   # the same steps, tiny and on CPU (CI smoke test)
-# Step timeouts sum to 470 s (env 30, tests 90, base 100, large 130, run 120), plus `make setup` when needed.
+# Step timeouts sum to 480 s (env 20, tests 90, base 90, large 120, memory 50, run 110), plus `make setup` if needed.
 set -euo pipefail
 
 OUT=${1:?usage: bench/gpu_check.sh OUT_DIR}
@@ -35,22 +37,25 @@ fi
 if [ "$CPU" = 1 ]; then
     DEV=cpu DTYPE=fp32 BATCH=2 SIZES="tiny" REPS=1 NCAP=2
     RUN_ARGS=(--tiny --config configs/capfilt_tiny.yaml --device cpu --samples 64 --shards 2 --batch-size 8)
+    MEM_ARGS=(--sizes tiny --device cpu)
     TESTS=(tests/test_bench.py -m "gpu or not gpu" -k "not smoke")
 else
     DEV=cuda DTYPE=bf16 BATCH=64 SIZES="base large" REPS=2 NCAP=1
-    RUN_ARGS=(--random-size base --config configs/capfilt.yaml --device cuda --samples 2048 --shards 8 --batch-size 64)
+    RUN_ARGS=(--random-size base --config configs/capfilt.yaml --device cuda --samples 2048 --shards 8 --batch-size auto)
+    MEM_ARGS=(--sizes base large --device cuda)
     TESTS=(-m gpu tests/)
 fi
 
-step env 30 bash -c "nvidia-smi || echo 'no nvidia-smi'; $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); print(\"transformers\", transformers.__version__)'"
+step env 20 bash -c "nvidia-smi || echo 'no nvidia-smi'; $PY -c 'import torch, transformers; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"available\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); print(\"transformers\", transformers.__version__)'"
 step gpu_tests 90 "$PY" -m pytest -q -p no:cacheprovider "${TESTS[@]}"
 for size in $SIZES; do
-    limit=100
-    [ "$size" = large ] && limit=130
+    limit=90
+    [ "$size" = large ] && limit=120
     step "bench_model_$size" "$limit" "$PY" bench/bench_model.py --size "$size" --batch "$BATCH" --dtype "$DTYPE" \
         --device "$DEV" --reps "$REPS" --num-captions "$NCAP" --texts 2 --lengths both
 done
-step bench_run 120 "$PY" bench/bench_run.py "${RUN_ARGS[@]}"
+step bench_memory 50 "$PY" bench/bench_memory.py "${MEM_ARGS[@]}"
+step bench_run 110 "$PY" bench/bench_run.py "${RUN_ARGS[@]}"
 
 # the summary: every bench_model row (size, task, img/s, ratio, tok/s, MFU), the run-vs-loop ratio, step statuses
 {
@@ -63,8 +68,12 @@ step bench_run 120 "$PY" bench/bench_run.py "${RUN_ARGS[@]}"
         sed -n '/^task /,$p' "$OUT/bench_model_$size.log" 2>/dev/null || echo "(no table: see bench_model_$size.log)"
     done
     echo
+    echo "## bench_memory.py (batch_size auto; MB per image, the pick, the batch on other cards)"
+    grep -v '^#' "$OUT/bench_memory.log" 2>/dev/null | grep -E '^(size|tiny|base|large)' \
+        || tail -n 5 "$OUT/bench_memory.log" 2>/dev/null || true
+    echo
     echo "## bench_run.py (capfilt run vs the bare stage loop)"
-    grep -E '"(ratio|bare_samples_per_s|run_samples_per_s|samples_per_s)[^"]*"' "$OUT/bench_run.log" 2>/dev/null \
+    grep -E '"(ratio|bare|capfilt_run|batch_size)[^"]*"' "$OUT/bench_run.log" 2>/dev/null \
         || tail -n 5 "$OUT/bench_run.log" 2>/dev/null || true
     echo
     echo "## steps"

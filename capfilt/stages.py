@@ -18,9 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from blip.generate import resolve_compile
 from blip.generation import GenerationConfig
 from blip.image import normalize
 from capfilt.decode import stack_pixels
+from capfilt.memory import BatchFit, auto_batch_size
 from capfilt.schema import RESULT_COLUMNS, SampleResult
 from capfilt.seeds import stable_seed
 
@@ -104,7 +106,9 @@ class CapFiltSettings:
     threshold: float = 0.5
     device: str = "auto"
     dtype: str = "auto"  # bfloat16 on GPU, float32 on CPU
-    batch_size: int = 32  # images per forward pass; larger batches are processed in chunks
+    # images per forward pass (larger batches are processed in chunks); "auto": measured on the device at setup
+    # (capfilt/memory.py: the largest that fits its free memory; 32 on CPU)
+    batch_size: int | str = 32
     seed: int = 0
     text_max_length: int = 35  # filter tokenisation, as the original retrieval code
     compile: str = "auto"  # the captioner's decode step under torch.compile: auto (on for CUDA) | off | on
@@ -113,7 +117,10 @@ class CapFiltSettings:
         checks = [
             (self.num_captions >= 0, f"num_captions must be >= 0, got {self.num_captions}"),
             (0.0 <= self.threshold <= 1.0, f"threshold must be in [0, 1], got {self.threshold}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (
+                self.batch_size == "auto" or (isinstance(self.batch_size, int) and self.batch_size >= 1),
+                f"batch_size must be >= 1 or 'auto', got {self.batch_size!r}",
+            ),
             (
                 self.min_length < self.max_length,  # a caption must be able to end
                 f"need min_length < max_length, got {self.min_length}, {self.max_length}",
@@ -160,6 +167,7 @@ class CapFiltStage(CapFiltSettings):
 
     cap_model: Any = field(default=None, repr=False)
     filt_model: Any = field(default=None, repr=False)
+    batch_fit: BatchFit | None = field(default=None, repr=False)  # batch_size "auto": what setup measured
 
     @classmethod
     def from_models(cls, captioner_model: torch.nn.Module, filter_model: torch.nn.Module, **kw: Any) -> CapFiltStage:
@@ -182,6 +190,17 @@ class CapFiltStage(CapFiltSettings):
             check_family(m.config.family, role, f"{role} {spec!r}")
         self.cap_model = self.cap_model.to(self._device, self._dtype).eval()
         self.filt_model = self.filt_model.to(self._device, self._dtype).eval()
+        if self.batch_size == "auto":
+            self.batch_fit = auto_batch_size(self._probe, self._device)
+            self.batch_size = self.batch_fit.batch_size
+
+    def _probe(self, n: int) -> None:
+        """One model batch of `n` worst-case samples, for `batch_size: auto`: random images, web texts of the filter's
+        full `text_max_length`, eager (a probe size must not leave a captured graph behind)."""
+        S = self.image_size
+        pixels = np.random.default_rng(0).integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+        web = " ".join(["photo"] * self.text_max_length)
+        self._run_ok(pixels, [f"probe-{i}" for i in range(n)], [web] * n, compile="off")
 
     @property
     def image_size(self) -> int:
@@ -203,18 +222,28 @@ class CapFiltStage(CapFiltSettings):
         return normalize(x, cfg.image_mean, cfg.image_std, self._dtype)
 
     @torch.no_grad()
-    def _run_ok(self, pixels: np.ndarray, keys: list[str], webs: list[str | None]) -> list[SampleResult]:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self._device, non_blocking=True)  # (B, S, S, 3) uint8
+    def _run_ok(
+        self, pixels: np.ndarray | torch.Tensor, keys: list[str], webs: list[str | None], compile: str | None = None
+    ) -> list[SampleResult]:
+        if not torch.is_tensor(pixels):
+            pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+        x = pixels.to(self._device, non_blocking=True)  # (B, S, S, 3) uint8; asynchronous from a pinned buffer
         caps: list[list[str]] = [[] for _ in keys]
         if self.num_captions > 0:
+            compile = self.compile if compile is None else compile
             seeds = torch.tensor([stable_seed(self.seed, k) for k in keys], dtype=torch.long)  # (B,)
-            caps = self.cap_model.generate(
-                self._pixels_for(x, self.cap_model),
-                self.num_captions,
-                self.generation,
-                seeds=seeds,
-                compile=self.compile,
+            images = self._pixels_for(x, self.cap_model)  # (B, 3, s, s)
+            n = len(keys)
+            pad = (
+                self.batch_size - n
+                if resolve_compile(compile, self._device) and isinstance(self.batch_size, int)
+                else 0
             )
+            if pad > 0:  # a captured decode step has one shape: a shard's short last batch is padded to the full one
+                images = torch.cat([images, images[:1].expand(pad, -1, -1, -1)])  # copies of its first image,
+                seeds = torch.cat([seeds, seeds[:1].expand(pad)])  # whose captions are dropped (each row's own seed)
+            caps = self.cap_model.generate(images, self.num_captions, self.generation, seeds=seeds, compile=compile)
+            caps = caps[:n]
         texts = [([w] if w is not None else []) + c for w, c in zip(webs, caps)]
         itm, itc = self.filt_model.score(self._pixels_for(x, self.filt_model), texts, self.text_max_length)
         out = []
@@ -235,8 +264,18 @@ class CapFiltStage(CapFiltSettings):
             )
         return out
 
+    def pin(self, pixels: np.ndarray) -> np.ndarray | torch.Tensor:
+        """A batch's (B, S, S, 3) uint8 pixels in page-locked host memory when the device is CUDA, so the copy to the
+        device is one asynchronous DMA; the worker calls this before it waits for the model. Elsewhere: unchanged."""
+        if not hasattr(self, "_device"):
+            self.setup()
+        if self._device.type != "cuda":
+            return pixels
+        return torch.from_numpy(np.ascontiguousarray(pixels)).pin_memory()
+
     def results(self, batch: dict[str, Any]) -> list[SampleResult]:
-        """A `stage_batch` (`pixels` (B, S, S, 3) uint8, `status`, `key`, `caption`) -> one result per row.
+        """A `stage_batch` (`pixels` (B, S, S, 3) uint8, numpy or a `pin`ned tensor; `status`, `key`, `caption`) -> one
+        result per row.
 
         Rows whose status is not "ok" get SampleResult's defaults (empty lists, not kept), `reason` = their status.
         """
@@ -251,7 +290,9 @@ class CapFiltStage(CapFiltSettings):
         pixels = batch["pixels"]
         for j in range(0, len(ok), self.batch_size):
             idx = ok[j : j + self.batch_size]
-            for i, r in zip(idx, self._run_ok(pixels[idx], [keys[i] for i in idx], [webs[i] for i in idx])):
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)  # a slice keeps a pinned buffer pinned (no copy)
+            sel = pixels[idx[0] : idx[-1] + 1] if contiguous else pixels[idx]
+            for i, r in zip(idx, self._run_ok(sel, [keys[i] for i in idx], [webs[i] for i in idx])):
                 results[i] = r
         return [r if r is not None else SampleResult(reason=s) for r, s in zip(results, status)]
 

@@ -147,6 +147,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     try:
         number = float(value)
     except (TypeError, ValueError):
+        if str in types and isinstance(value, str):  # a word the setting allows besides numbers (batch_size: auto)
+            return value
         kind = "a number" if float in types else "an integer"
         raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
     if float in types:

@@ -71,8 +71,6 @@ def test_capfilt_l_is_about_0_8_tflop():
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
 def test_gpu_check_script_syntax():
     script = ROOT / "bench" / "gpu_check.sh"
-    if not script.exists():
-        pytest.skip("bench/gpu_check.sh not written yet")
     subprocess.run(["bash", "-n", str(script)], check=True)
 
 
@@ -83,7 +81,10 @@ def test_gpu_check_cpu_smoke(tmp_path):
     subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(tmp_path)], check=True, env=env, cwd=ROOT)
     status = (tmp_path / "status.txt").read_text().split("\n")
     assert all(" rc=0 " in line for line in status if line), status
-    assert "caption beam=3 =len" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "caption beam=3 =len" in summary
+    assert any(line.startswith("bench_memory rc=0") for line in status)
+    assert "\ntiny " in summary and '"ratio_run_over_bare_steady"' in summary  # the memory row, the run ratio
 
 
 def _random_model(family: str, size: str = "tiny"):

@@ -291,13 +291,15 @@ def test_run_webdataset_then_resume(ray_local, tmp_path, capfilt_models, wds_cor
     c = summary["counts"]
     assert (c["in"], c["kept"], c["dropped"]) == (18, int(df["kept"].sum()), int((~df["kept"]).sum()))
     assert summary["failed_shards"] == [] and [s["in"] for s in summary["per_shard"]] == [6, 6, 6]
+    assert {s["batch_size"] for s in summary["per_shard"]} == {8}  # the batch size each worker ran, per shard
     q = summary["quantiles"]["web_itm"]
     assert q["p5"] <= q["p50"] <= q["p95"] and abs(q["p50"] - df["web_itm"].median()) < 0.05
     assert json.loads((Path(out) / "summary.json").read_text())["counts"] == c
     assert (Path(out) / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # rerun: every shard is done, nothing recomputed, nothing rewritten
     mtimes = {p.name: p.stat().st_mtime_ns for p in (Path(out) / "parquet").glob("*.parquet")}
-    again = run_capfilt(tiny_config(wds_corpus, out, capfilt_models))
+    # (batch_size auto is how it runs, not what it computes: the rerun is the same corpus)
+    again = run_capfilt(tiny_config(wds_corpus, out, capfilt_models, batch_size="auto"))
     assert again["shards_skipped"] == 3 and again["rows_this_run"] == 0 and again["counts"] == c
     assert {p.name: p.stat().st_mtime_ns for p in (Path(out) / "parquet").glob("*.parquet")} == mtimes
 

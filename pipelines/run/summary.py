@@ -43,7 +43,7 @@ class SummaryBuilder:
         elif state.get("state") != "done":
             self.failed.append({"shard": name, "path": path, "error": state.get("error")})
         row = {"shard": name, "state": state.get("state"), "error": state.get("error")}
-        for k in ("input", "node", "actor", "seconds", "attempt"):
+        for k in ("input", "node", "actor", "batch_size", "seconds", "attempt"):
             if state.get(k) is not None:
                 row[k] = state[k]
         if orphan:

@@ -65,6 +65,10 @@ class ShardProcessor:
         allow_max_pixels(self.settings.max_pixels)
         self.stage = CapFiltStage(**self.stage_settings)
         self.stage.setup()
+        # the batch size this worker runs (batch_size "auto" is measured on its device): in every state record
+        self.identity = {**self.identity, "batch_size": self.stage.batch_size}
+        if self.stage.batch_fit is not None:
+            print(self.stage.batch_fit.describe(), flush=True)  # reaches the driver's log
         self.model_lock = threading.Lock()
         # one shard is read at a time: the next call's reader starts when the current one has read its shard (its
         # last batches still queued for the model), so reading overlaps the model without two readers competing
@@ -127,6 +131,7 @@ class ShardProcessor:
         """READ_FIELDS rows + their decode results -> output rows: each read row with its SampleResult's fields and
         its decode status added (ShardWriter keeps capfilt.schema.OUT_COLUMNS, and the image bytes when kept)."""
         batch = stage_batch(rows, decoded, self.settings.image_size)
+        batch["pixels"] = self.stage.pin(batch["pixels"])  # outside the lock: the model thread only starts the copy
         with self.model_lock:
             results = self.stage.results(batch)
         with self._count_lock:
