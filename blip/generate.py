@@ -237,6 +237,7 @@ def _static_buffers(decoder, cross, rows, max_length: int, static_address: bool)
     key = (R, nh, L, hd, max_length, len(cross), k0.dtype, k0.device, static_address)
     held = getattr(decoder, "_decode_buffers", None)
     if held is None or held[0] != key:
+        held = decoder._decode_buffers = None  # free the old shape's buffers before allocating the new ones
         new = lambda T: k0.new_zeros(R, nh, T, hd)  # noqa: E731
         bufs = ([(new(max_length), new(max_length)) for _ in cross], [(new(L), new(L)) for _ in cross])
         if static_address:

@@ -4,8 +4,8 @@ On CUDA, the stage runs two probe batches (eager, synthetic worst-case inputs: m
 `max_length` in the static cache) and reads the allocator's peak for each; peak = fixed + per_image x batch is
 solved from the two points, and the batch filling `HEADROOM` of what the allocator can reach (free device memory +
 what it already holds) is taken, rounded down to a multiple of 8 (tensor-core tiles), within [1, AUTO_MAX]. That size
-is then run once more and halved while it runs out of memory or peaks above the limit, so the chosen size has been
-measured. On CPU, throughput hardly depends on the batch size: auto is AUTO_CPU.
+is then run once more and stepped down (by the measured excess; halved when out of memory) until it fits, so the
+chosen size has been measured. On CPU, throughput hardly depends on the batch size: auto is AUTO_CPU.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def _round(b: int, multiple: int = MULTIPLE) -> int:
 
 def search_batch_size(peak_at: Callable[[int], int | None], limit: int, device: str = "cuda") -> BatchFit:
     """`peak_at(b)`: the measured peak bytes of one batch of b, None when it ran out of memory. Probes PROBES (halved
-    while they run out), fits, then runs the fitted size, halving it until it fits HEADROOM x `limit`."""
+    while they run out), fits, then runs the fitted size, stepping it down until it fits HEADROOM x `limit`."""
     probes = PROBES
     while True:
         peaks = {b: peak_at(b) for b in probes}

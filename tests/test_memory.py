@@ -9,7 +9,7 @@ import torch
 from click.testing import CliRunner
 
 from capfilt.memory import AUTO_CPU, AUTO_MAX, HEADROOM, PROBES, fit_batch_size, search_batch_size
-from capfilt.stages import CapFiltStage, padded_rows
+from capfilt.stages import CapFiltStage
 from tests.test_stages import _tiny
 
 GB, MB = 2**30, 2**20
@@ -97,17 +97,10 @@ def test_batch_size_auto_from_yaml_and_cli(tmp_path):
         assert r.exit_code == 2 and msg in r.output, r.output
 
 
-def test_padded_rows_are_few_shapes_and_never_double():
-    assert [padded_rows(n, 64) for n in (1, 2, 3, 5, 17, 33, 63, 64)] == [1, 2, 4, 8, 32, 64, 64, 64]
-    assert padded_rows(150, 200) == 200 and padded_rows(100, 200) == 128
-    shapes = {padded_rows(n, 200) for n in range(1, 201)}
-    assert len(shapes) <= (200).bit_length() + 1 and all(padded_rows(n, 200) < 2 * n for n in range(2, 201))
-
-
 @pytest.mark.slow  # CPU torch.compile of the step: ~40 s cold on 2 shared cores
 def test_compiled_decode_pads_short_batches_to_one_shape(models):
-    """With the step compiled, a shard's short last batch (3 of 4) is padded (to 4): the same captions as eager, and
-    no new captured shape (on a GPU: no new CUDA graph per shard)."""
+    """With the step compiled, a shard's short last batch (3 of 4) is padded to the batch size: the same captions as
+    eager, and no new captured shape (on a GPU: one CUDA graph and one set of static buffers per run)."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
