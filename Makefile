@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 TORCH := 2.13.0
 
-.PHONY: setup lock browser lint format test test-fast demo
+.PHONY: setup lock browser lint format test test-fast demo gpu-wheels
 
 # torch first and pinned: an unpinned torch requirement would resolve to a multi-GB CUDA build;
 # everything else at the versions in constraints.txt (the set CI passed with; `make lock` regenerates it)
@@ -50,3 +50,8 @@ test-fast: browser
 # the README's first command: set up, then BLIP's whole bootstrap loop on the synthetic world (CPU, Ray in-process)
 demo: setup
 	$(BIN)/capfilt bootstrap --config configs/bootstrap_demo.yaml
+
+# for bench/gpu_check.sh on a GPU machine that cannot reach a package registry (its image has torch, transformers,
+# pyarrow, ...): the pure-Python packages it lacks, as wheels in .whl/ (git-ignored; carry the folder there)
+gpu-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: -d .whl $$(grep -E '^(webdataset|braceexpand)==' constraints.txt)

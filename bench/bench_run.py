@@ -6,6 +6,11 @@ with 1/8 of the samples: the difference in time is the steady state (actor start
 job, cancel out). Ray is started before the clocks. Also printed: the driver's CPU seconds per 1,000 samples
 (this process is the driver), which should be ~0 and not grow with the samples per shard. Goal: ratio >= 0.9.
 
+`--no-ray` (where Ray is not installed, e.g. a bare GPU machine): instead of `capfilt run`, one CapFilt actor's whole
+pipeline in this process: its ShardProcessor (reader thread, decode threads, the stage under the model lock, the
+shard writer) over every shard, `shards_per_actor` calls at a time as on an actor (2 on a GPU), models loaded
+before the clock. That is `capfilt run` per GPU less Ray's per-shard call (~0.03 driver CPU s per shard).
+
     python bench/bench_run.py --tiny --config configs/capfilt_tiny.yaml   # CPU, tiny random models, 4096 samples
     python bench/bench_run.py --captioner DIR --filter DIR --device cuda --batch-size 64   # GPU, real models
     git worktree add /tmp/old OLD_COMMIT && python bench/bench_run.py --tiny --config ... --code /tmp/old
@@ -73,6 +78,37 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int, int]:
     return time.perf_counter() - t, n, b
 
 
+def actor_loop(cfg, corpus: str, out: str) -> tuple[float, int]:
+    """Seconds for one CapFilt actor's pipeline (ShardProcessor, no Ray) over every shard of `corpus`, and samples."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from blip import read_config
+    from capfilt.stages import resolve_device
+    from pipelines.io import list_shards
+    from pipelines.run.worker import ShardProcessor, WorkerSettings
+
+    on_gpu = resolve_device(cfg.device).type == "cuda"
+    image_size = max(read_config(m).vision.image_size for m in (cfg.captioner, cfg.filter))
+    settings = WorkerSettings(
+        output=out,
+        storage_options={},
+        image_size=image_size,
+        decode_threads=cfg.decode_threads or (4 if on_gpu else 1),
+        prefetch_batches=cfg.prefetch_batches,
+        max_pixels=cfg.max_pixels,
+        torch_threads=None if on_gpu else max(1, int(cfg.actor_cpus)),
+    )  # fmt: skip  (as pipelines/run/scheduler.py builds an actor's)
+    proc = ShardProcessor({**cfg.stage_settings(), "device": "cuda" if on_gpu else "cpu"}, settings)
+    proc.setup()
+    shards = list_shards(corpus)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(cfg.shards_per_actor or (2 if on_gpu else 1)) as pool:
+        records = list(pool.map(proc, shards))
+    seconds = time.perf_counter() - t
+    assert all(r["state"] == "done" for r in records), records
+    return seconds, sum(int(r["in"]) for r in records)
+
+
 # Runs in a child interpreter whose imports come from `--code` (default: this checkout), so the same measurement can
 # be taken of another version of capfilt (e.g. the previous design, from a `git worktree`).
 _JOBS = """
@@ -120,6 +156,7 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--code", default=str(REPO), help="capfilt checkout whose `capfilt run` is measured")
+    ap.add_argument("--no-ray", action="store_true", help="one actor's pipeline without Ray instead of capfilt run")
     args = ap.parse_args()
 
     from capfilt.synth import write_corpus
@@ -144,6 +181,21 @@ def main() -> None:
     )  # fmt: skip
 
     bare_s, n, batch = bare_loop(cfg, big)
+    if args.no_ray:
+        actor_s, n_actor = actor_loop(cfg, big, str(work / "out_actor"))
+        assert n_actor == n, (n_actor, n)
+        result = {
+            "mode": "no-ray: one actor's pipeline in this process",
+            "samples": n,
+            "shards": args.shards,
+            "batch_size": cfg.batch_size if cfg.batch_size == batch else f"{cfg.batch_size} -> {batch}",
+            "num_captions": cfg.num_captions,
+            "bare_stage_samples_per_s": round(n / bare_s, 2),
+            "actor_pipeline_samples_per_s": round(n / actor_s, 2),
+            "ratio_actor_over_bare": round(bare_s / actor_s, 3),
+        }
+        print(json.dumps(result, indent=2))
+        return
     keys = ("captioner", "filter", "num_captions", "batch_size", "device")
     overrides = {k: getattr(cfg, k) for k in keys}
     code = Path(args.code).resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,19 @@ def test_cuda_bf16_agrees_with_fp32():
         itm16, itc16 = filt.to(torch.bfloat16).score(px.bfloat16(), texts)
     assert torch.tensor(itm32).sub(torch.tensor(itm16)).abs().max().item() <= 0.05
     assert torch.tensor(itc32).sub(torch.tensor(itc16)).abs().max().item() <= 0.02
+
+
+@pytest.mark.slow
+def test_bench_run_no_ray_measures_one_actor_pipeline(tmp_path):
+    """bench_run.py --no-ray (a GPU machine without Ray): one actor's ShardProcessor over every shard, in-process."""
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "bench_run.py"), "--tiny", "--config", "configs/capfilt_tiny.yaml",
+         "--device", "cpu", "--samples", "32", "--shards", "2", "--batch-size", "8", "--no-ray",
+         "--workdir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result = json.loads(r.stdout[r.stdout.index("{") :])
+    assert (
+        result["samples"] == 32 and result["actor_pipeline_samples_per_s"] > 0 and result["ratio_actor_over_bare"] > 0
+    )
+    assert len(list((tmp_path / "out_actor" / "_state").glob("*.json"))) == 2  # each shard committed by the actor
