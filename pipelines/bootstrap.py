@@ -207,10 +207,9 @@ class Bootstrap:
                        batch_size=e.get("batch_size", 32))  # fmt: skip
         # `ground_truth`: the standard caption protocol on real test sets (e.g. coco_karpathy_test_gt.json with
         # `test` = the ingested coco_karpathy_test.json); without it, each test sample's own texts are the references
+        given = {k: e[k] for k in ("num_beams", "max_length", "min_length", "scorers") if k in e}  # else evaluate's
         cap = evaluate("caption", captioner, test, self.path("eval", name), batch_size=e.get("batch_size", 32),
-                       num_beams=e.get("num_beams", 3), max_length=e.get("max_length", 20),
-                       min_length=e.get("min_length", 5), ground_truth=e.get("ground_truth"),
-                       **({"scorers": e["scorers"]} if "scorers" in e else {}))  # fmt: skip
+                       ground_truth=e.get("ground_truth"), **given)  # fmt: skip
         return {"retrieval": ret["metrics"], "caption": cap["metrics"]}
 
     def filter_quality(self, data: dict[str, Any]) -> dict[str, Any]:

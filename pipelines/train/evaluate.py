@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from blip.generation import GenerationConfig
 from capfilt.metrics import (
     COCO_SCORERS,
     caption_scores,
@@ -31,6 +32,8 @@ from capfilt.metrics import (
     rerank,
     retrieval_ranks,
 )
+
+_BEAM = GenerationConfig()  # the original's caption eval: beam search, its defaults declared once there
 
 
 def load_model(path: str, device: str = "cpu") -> torch.nn.Module:
@@ -138,11 +141,11 @@ def caption_eval(
     images: np.ndarray,
     texts: list[list[str]],
     batch_size: int = 32,
-    num_beams: int = 3,
-    max_length: int = 20,
-    min_length: int = 5,
+    num_beams: int = _BEAM.num_beams,
+    max_length: int = _BEAM.max_length,
+    min_length: int = _BEAM.min_length,
     truth: dict[str, list[dict[str, str]]] | None = None,
-    repetition_penalty: float = 1.0,
+    repetition_penalty: float = _BEAM.repetition_penalty,
     ground_truth: dict | None = None,
     metas: list[dict[str, Any]] | None = None,
     scorers: Sequence[str] = COCO_SCORERS,
@@ -208,12 +211,12 @@ def evaluate(
     k_test: int = 256,
     batch_size: int = 32,
     max_samples: int | None = None,
-    num_beams: int = 3,
-    max_length: int = 20,
-    min_length: int = 5,
+    num_beams: int = _BEAM.num_beams,
+    max_length: int = _BEAM.max_length,
+    min_length: int = _BEAM.min_length,
     device: str | None = None,
     ground_truth: str | None = None,
-    repetition_penalty: float = 1.0,
+    repetition_penalty: float = _BEAM.repetition_penalty,
     scorers: Sequence[str] = COCO_SCORERS,
 ) -> dict[str, Any]:
     """Run one evaluation; prints a table, writes JSON to `output` (a file, or a folder -> eval_<task>.json; with
