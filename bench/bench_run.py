@@ -19,6 +19,7 @@ before the clock. That is `capfilt run` per GPU less Ray's per-shard call (~0.03
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -79,30 +80,27 @@ def bare_loop(cfg, corpus: str) -> tuple[float, int, int]:
 
 
 def actor_loop(cfg, corpus: str, out: str) -> tuple[float, int]:
-    """Seconds for one CapFilt actor's pipeline (ShardProcessor, no Ray) over every shard of `corpus`, and samples."""
+    """Seconds for one CapFilt actor's pipeline (ShardProcessor, no Ray) over every shard of `corpus`, and samples:
+    the actor `capfilt run` would start here (pool_shape with this machine's GPUs, actor_settings)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from blip import read_config
-    from capfilt.stages import resolve_device
-    from pipelines.io import list_shards
-    from pipelines.run.worker import ShardProcessor, WorkerSettings
+    import torch
 
-    on_gpu = resolve_device(cfg.device).type == "cuda"
-    image_size = max(read_config(m).vision.image_size for m in (cfg.captioner, cfg.filter))
-    settings = WorkerSettings(
-        output=out,
-        storage_options={},
-        image_size=image_size,
-        decode_threads=cfg.decode_threads or (4 if on_gpu else 1),
-        prefetch_batches=cfg.prefetch_batches,
-        max_pixels=cfg.max_pixels,
-        torch_threads=None if on_gpu else max(1, int(cfg.actor_cpus)),
-    )  # fmt: skip  (as pipelines/run/scheduler.py builds an actor's)
-    proc = ShardProcessor({**cfg.stage_settings(), "device": "cuda" if on_gpu else "cpu"}, settings)
+    from pipelines.io import list_shards
+    from pipelines.run.config import model_config
+    from pipelines.run.scheduler import actor_settings, pool_shape
+    from pipelines.run.worker import ShardProcessor
+
+    cfg = dataclasses.replace(cfg, output=out)
+    shape = pool_shape(cfg, torch.cuda.device_count(), on_cluster=False)
+    image_size = max(
+        model_config(m, role).vision.image_size for m, role in ((cfg.captioner, "captioner"), (cfg.filter, "filter"))
+    )
+    proc = ShardProcessor(*actor_settings(cfg, shape, image_size))
     proc.setup()
     shards = list_shards(corpus)
     t = time.perf_counter()
-    with ThreadPoolExecutor(cfg.shards_per_actor or (2 if on_gpu else 1)) as pool:
+    with ThreadPoolExecutor(shape.per_actor) as pool:
         records = list(pool.map(proc, shards))
     seconds = time.perf_counter() - t
     assert all(r["state"] == "done" for r in records), records

@@ -68,7 +68,7 @@ def search_batch_size(peak_at: Callable[[int], int | None], limit: int, device: 
         if all(p is not None for p in peaks.values()):
             break
         if probes[0] == 1:
-            raise RuntimeError(f"batch_size auto: one image runs out of memory on {device} ({limit / 2**30:.1f} GB)")
+            raise _out_of_memory(device, limit)
         probes = (max(1, probes[0] // 2), probes[0])
     fit = fit_batch_size(peaks, limit)  # type: ignore[arg-type]  (no None left)
     b = fit.batch_size
@@ -77,10 +77,14 @@ def search_batch_size(peak_at: Callable[[int], int | None], limit: int, device: 
         if peak is not None and (peak <= HEADROOM * limit or b == 1):
             return BatchFit(b, fit.per_image, fit.fixed, limit, peak, device)
         if b == 1:
-            raise RuntimeError(f"batch_size auto: one image runs out of memory on {device} ({limit / 2**30:.1f} GB)")
+            raise _out_of_memory(device, limit)
         # over the limit: scale down by the measured excess (out of memory: halve), always by at least one
         scaled = b // 2 if peak is None else int(b * (HEADROOM * limit - fit.fixed) / max(1, peak - fit.fixed))
         b = _round(max(1, min(scaled, b - 1)))
+
+
+def _out_of_memory(device: str, limit: int) -> RuntimeError:
+    return RuntimeError(f"batch_size auto: one image runs out of memory on {device} ({limit / 2**30:.1f} GB)")
 
 
 def cuda_peak(run: Callable[[int], object], batch: int, device: torch.device) -> int | None:

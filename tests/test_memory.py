@@ -126,7 +126,7 @@ def test_compiled_decode_pads_short_batches_to_one_shape(models):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_auto_batch_size_fits_and_runs():
-    """On a GPU: the measured pick runs, within the limit, and a second stage sees the same device the same way."""
+    """On a GPU: the pick was measured within the limit, and a worst-case batch of that size runs within it."""
     from tests.test_bench import _random_model
 
     cap, filt = _random_model("caption", "base"), _random_model("retrieval", "base")

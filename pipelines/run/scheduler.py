@@ -109,6 +109,22 @@ def pool_shape(cfg: RunSettings, cluster_gpus: int, on_cluster: bool | None = No
     return PoolShape(lo, hi, lo < hi, device, options, bundle, threads, per_actor)
 
 
+def actor_settings(cfg: RunSettings, shape: PoolShape, image_size: int) -> tuple[dict[str, Any], WorkerSettings]:
+    """What every CapFilt actor of the pool is built with: the stage's settings (on the pool's device) and the
+    worker's (decode threads, prefetch, torch threads on CPU). Also bench/bench_run.py's in-process actor."""
+    on_gpu = shape.device.startswith("cuda")
+    worker = WorkerSettings(
+        output=cfg.output,
+        storage_options=cfg.storage_options,
+        image_size=image_size,
+        decode_threads=shape.threads,
+        prefetch_batches=cfg.prefetch_batches,
+        max_pixels=cfg.max_pixels,
+        torch_threads=None if on_gpu else max(1, int(cfg.actor_cpus)),
+    )
+    return {**cfg.stage_settings(), "device": shape.device}, worker
+
+
 def schedule(
     cfg: RunSettings,
     todo: list[Shard],
@@ -131,17 +147,7 @@ def schedule(
 
     cpu0 = time.process_time()
     shape = pool_shape(cfg, int(ray.cluster_resources().get("GPU", 0)))
-    on_gpu = shape.device.startswith("cuda")
-    stage_settings = {**cfg.stage_settings(), "device": shape.device}
-    worker = WorkerSettings(
-        output=cfg.output,
-        storage_options=cfg.storage_options,
-        image_size=image_size,
-        decode_threads=shape.threads,
-        prefetch_batches=cfg.prefetch_batches,
-        max_pixels=cfg.max_pixels,
-        torch_threads=None if on_gpu else max(1, int(cfg.actor_cpus)),
-    )
+    stage_settings, worker = actor_settings(cfg, shape, image_size)
     # failures are handled here, not by Ray's restarts: a dead actor's shards must go to whichever actor is alive
     Remote = ray.remote(CapFiltWorker).options(
         max_concurrency=shape.per_actor + 1, max_restarts=0, max_task_retries=0, **shape.options
